@@ -1,0 +1,60 @@
+"""Pre-encoded training examples held in memory and served as shuffled batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class LatentBatch:
+    latents: torch.Tensor  # (B, C, H, W) clean latents x0
+    context: torch.Tensor  # (B, L, D) text-encoder states, zero past each length
+    context_lens: torch.Tensor  # (B,) valid caption tokens
+    weights: torch.Tensor | None = None  # (B, 1, H, W) per-pixel loss weights
+
+
+@dataclass
+class LatentDataset:
+    """Examples with one latent size (one bucket); captions zero-padded to one length."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    context_lens: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = self.latents.shape[0]
+        if n == 0:
+            raise ValueError("the dataset is empty: no image could be encoded")
+        for name, tensor in (("context", self.context), ("context_lens", self.context_lens), ("weights", self.weights)):
+            if tensor is not None and tensor.shape[0] != n:
+                raise ValueError(f"dataset {name} has {tensor.shape[0]} rows but there are {n} latents")
+        if self.weights is not None and self.weights.shape[-2:] != self.latents.shape[-2:]:
+            raise ValueError(
+                f"loss-weight mask size {tuple(self.weights.shape[-2:])} does not match the latent size "
+                f"{tuple(self.latents.shape[-2:])}; resize masks to the latent resolution"
+            )
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image tokens at patch size 2, for resolution-dependent timestep shifts."""
+        return (self.latents.shape[-2] // 2) * (self.latents.shape[-1] // 2)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[LatentBatch]:
+        """Endless shuffled batches; each epoch is a fresh permutation drawn from `generator`."""
+        while True:
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(self) - batch_size + 1 if len(self) >= batch_size else 1, batch_size):
+                idx = order[start : start + batch_size]
+                yield LatentBatch(
+                    self.latents[idx],
+                    self.context[idx],
+                    self.context_lens[idx],
+                    None if self.weights is None else self.weights[idx],
+                )

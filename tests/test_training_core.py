@@ -71,7 +71,7 @@ def test_schedule_values_at_known_steps():
     assert lr_multiplier(50, 100, "cosine") == pytest.approx(0.5)
     assert lr_multiplier(100, 100, "cosine") == pytest.approx(0.0)
     assert lr_multiplier(100, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
-    assert lr_multiplier(55, 110, "cosine", warmup=10) == pytest.approx(0.5)
+    assert lr_multiplier(60, 110, "cosine", warmup=10) == pytest.approx(0.5)  # midpoint of the 100 decay steps
 
 
 def test_weighted_loss_is_the_weighted_mean_and_ignores_zero_weight():

@@ -1,27 +1,176 @@
-"""Test-side transcription of stock ComfyUI's LoRA / DoRA merge (comfy/weight_adapter).
+"""Test-side transcription of stock ComfyUI's LoRA / DoRA loading and merge.
 
-LoRAAdapter.calculate_weight + weight_decompose, as quoted in the ComfyUI notes
-("DoRA at load"): the base weight is copied to float32, the patch applied, then the
-strength interpolates W0 + s * (W_patched - W0). Kept independent of the engine on
-purpose: the engine is checked against this, never the other way round.
+* `comfy_key_map`: comfy/lora.py `model_lora_keys_unet` for our models: the generic
+  forms (`diffusion_model.<path>`, `lora_unet_<path_>`) plus, for Z-Image (Lumina2),
+  the diffusers names from comfy/utils.py `z_image_to_diffusers` under the
+  `diffusion_model.` / `transformer.` / bare / `lycoris_` prefixes; q / k / v map to row
+  slices of the fused qkv.
+* `comfy_lora_patches`: comfy/lora.py `load_lora` + `LoRAAdapter.load` (the up / down
+  key names it tries, in order; `alpha`, `dora_scale`), reporting keys not loaded.
+* `comfy_merge` / `comfy_patched_weights`: `LoRAAdapter.calculate_weight` +
+  `weight_decompose`, as quoted in the ComfyUI notes ("DoRA at load"): the base weight
+  is copied to float32, each patch applied in order (on `weight.narrow` for a slice),
+  then the strength interpolates W0 + s * (W_patched - W0).
+
+Kept independent of the engine on purpose: the engine is checked against this, never
+the other way round.
 """
 
 from __future__ import annotations
 
 import torch
 
+# LoRAAdapter.load: (up, down) name templates, tried in this order.
+_UP_DOWN_NAMES = (
+    ("{}.lora_up.weight", "{}.lora_down.weight"),
+    ("{}_lora.up.weight", "{}_lora.down.weight"),
+    ("{}.lora_B.weight", "{}.lora_A.weight"),
+    ("{}.lora.up.weight", "{}.lora.down.weight"),
+    ("{}.lora_B", "{}.lora_A"),
+    ("{}.lora_linear_layer.up.weight", "{}.lora_linear_layer.down.weight"),
+    ("{}.lora_B.default.weight", "{}.lora_A.default.weight"),
+)
 
-def comfy_merge(weight: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str, strength: float) -> torch.Tensor:
-    """Merged float32 weight for module key `prefix` (e.g. 'diffusion_model.layers.0.attention.qkv')."""
-    weight = weight.float().clone()
-    mat1 = tensors[f"{prefix}.lora_B.weight"].float()  # up   [out, r]
-    mat2 = tensors[f"{prefix}.lora_A.weight"].float()  # down [r, in]
-    alpha_key = f"{prefix}.alpha"
-    alpha = tensors[alpha_key].item() / mat2.shape[0] if alpha_key in tensors else 1.0
-    dora_scale = tensors.get(f"{prefix}.dora_scale")
+
+def z_image_to_diffusers(n_layers: int, dim: int, n_refiner_layers: int, output_prefix: str = "") -> dict:
+    """comfy/utils.py z_image_to_diffusers: diffusers key -> ComfyUI key or (key, (dim, offset, length))."""
+    key_map = {}
+
+    def add_block_keys(prefix_from: str, prefix_to: str, has_adaln: bool = True) -> None:
+        for end in ("weight", "bias"):
+            k = f"{prefix_from}.attention."
+            qkv = f"{prefix_to}.attention.qkv.{end}"
+            key_map[f"{k}to_q.{end}"] = (qkv, (0, 0, dim))
+            key_map[f"{k}to_k.{end}"] = (qkv, (0, dim, dim))
+            key_map[f"{k}to_v.{end}"] = (qkv, (0, dim * 2, dim))
+        block_map = {
+            "attention.norm_q.weight": "attention.q_norm.weight",
+            "attention.norm_k.weight": "attention.k_norm.weight",
+            "attention.to_out.0.weight": "attention.out.weight",
+            "attention.to_out.0.bias": "attention.out.bias",
+            "attention_norm1.weight": "attention_norm1.weight",
+            "attention_norm2.weight": "attention_norm2.weight",
+            "feed_forward.w1.weight": "feed_forward.w1.weight",
+            "feed_forward.w2.weight": "feed_forward.w2.weight",
+            "feed_forward.w3.weight": "feed_forward.w3.weight",
+            "ffn_norm1.weight": "ffn_norm1.weight",
+            "ffn_norm2.weight": "ffn_norm2.weight",
+        }
+        if has_adaln:
+            block_map["adaLN_modulation.0.weight"] = "adaLN_modulation.0.weight"
+            block_map["adaLN_modulation.0.bias"] = "adaLN_modulation.0.bias"
+        for k, v in block_map.items():
+            key_map[f"{prefix_from}.{k}"] = f"{prefix_to}.{v}"
+
+    for i in range(n_layers):
+        add_block_keys(f"layers.{i}", f"{output_prefix}layers.{i}")
+    for i in range(n_refiner_layers):
+        add_block_keys(f"context_refiner.{i}", f"{output_prefix}context_refiner.{i}")
+    for i in range(n_refiner_layers):
+        add_block_keys(f"noise_refiner.{i}", f"{output_prefix}noise_refiner.{i}")
+    basic = [
+        ("final_layer.linear.weight", "all_final_layer.2-1.linear.weight"),
+        ("final_layer.linear.bias", "all_final_layer.2-1.linear.bias"),
+        ("final_layer.adaLN_modulation.1.weight", "all_final_layer.2-1.adaLN_modulation.1.weight"),
+        ("final_layer.adaLN_modulation.1.bias", "all_final_layer.2-1.adaLN_modulation.1.bias"),
+        ("x_embedder.weight", "all_x_embedder.2-1.weight"),
+        ("x_embedder.bias", "all_x_embedder.2-1.bias"),
+    ]
+    for comfy, diffusers in basic:
+        key_map[diffusers] = f"{output_prefix}{comfy}"
+    return key_map
+
+
+def flux_to_diffusers(depth: int, depth_single_blocks: int, hidden_size: int, output_prefix: str = "") -> dict:
+    """comfy/utils.py flux_to_diffusers, the block `.weight` entries (LoRA targets)."""
+    key_map = {}
+    h = hidden_size
+    for index in range(depth):
+        prefix_from, prefix_to = f"transformer_blocks.{index}", f"{output_prefix}double_blocks.{index}"
+        qkv = f"{prefix_to}.img_attn.qkv.weight"
+        for i, part in enumerate(("to_q", "to_k", "to_v")):
+            key_map[f"{prefix_from}.attn.{part}.weight"] = (qkv, (0, i * h, h))
+        qkv = f"{prefix_to}.txt_attn.qkv.weight"
+        for i, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            key_map[f"{prefix_from}.attn.{part}.weight"] = (qkv, (0, i * h, h))
+        block_map = {
+            "attn.to_out.0.weight": "img_attn.proj.weight",
+            "norm1.linear.weight": "img_mod.lin.weight",
+            "norm1_context.linear.weight": "txt_mod.lin.weight",
+            "attn.to_add_out.weight": "txt_attn.proj.weight",
+            "ff.net.0.proj.weight": "img_mlp.0.weight",
+            "ff.net.2.weight": "img_mlp.2.weight",
+            "ff_context.net.0.proj.weight": "txt_mlp.0.weight",
+            "ff_context.net.2.weight": "txt_mlp.2.weight",
+        }
+        for k, v in block_map.items():
+            key_map[f"{prefix_from}.{k}"] = f"{prefix_to}.{v}"
+    for index in range(depth_single_blocks):
+        prefix_from, prefix_to = f"single_transformer_blocks.{index}", f"{output_prefix}single_blocks.{index}"
+        qkv = f"{prefix_to}.linear1.weight"
+        for i, part in enumerate(("to_q", "to_k", "to_v")):
+            key_map[f"{prefix_from}.attn.{part}.weight"] = (qkv, (0, i * h, h))
+        key_map[f"{prefix_from}.proj_mlp.weight"] = (qkv, (0, h * 3, h * 4))
+        key_map[f"{prefix_from}.norm.linear.weight"] = f"{prefix_to}.modulation.lin.weight"
+        key_map[f"{prefix_from}.proj_out.weight"] = f"{prefix_to}.linear2.weight"
+    return key_map
+
+
+def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = None) -> dict:
+    """LoRA module key -> model weight key (or (weight key, (dim, offset, length)) for a slice).
+
+    model_keys: the model's state-dict keys with the `diffusion_model.` prefix.
+    zimage: {"n_layers", "dim", "n_refiner_layers"} to add Z-Image's diffusers names;
+    flux: {"depth", "depth_single_blocks", "hidden_size"} to add Flux.1's.
+    """
+    key_map = {}
+    for k in model_keys:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            key_lora = k[len("diffusion_model.") : -len(".weight")].replace(".", "_")
+            key_map[f"lora_unet_{key_lora}"] = k
+            key_map[k[: -len(".weight")]] = k
+    if zimage is not None:
+        diffusers_keys = z_image_to_diffusers(output_prefix="diffusion_model.", **zimage)
+        for k, to in diffusers_keys.items():
+            if k.endswith(".weight"):
+                key_lora = k[: -len(".weight")]
+                key_map[f"diffusion_model.{key_lora}"] = to
+                key_map[f"transformer.{key_lora}"] = to
+                key_map[f"lycoris_{key_lora.replace('.', '_')}"] = to
+                key_map[key_lora] = to
+    if flux is not None:
+        for k, to in flux_to_diffusers(output_prefix="diffusion_model.", **flux).items():
+            key_lora = k[: -len(".weight")]
+            key_map[f"transformer.{key_lora}"] = to  # SimpleTuner / diffusers
+            key_map[f"lycoris_{key_lora.replace('.', '_')}"] = to
+            key_map[f"lora_transformer_{key_lora.replace('.', '_')}"] = to  # OneTrainer
+    return key_map
+
+
+def comfy_lora_patches(tensors: dict[str, torch.Tensor], key_map: dict) -> tuple[list, list[str]]:
+    """[(target, up, down, alpha | None, dora_scale | None)] in key-map order, and the keys not loaded."""
+    patches, loaded = [], set()
+    for x, to in key_map.items():
+        for up_name, down_name in _UP_DOWN_NAMES:
+            up_key, down_key = up_name.format(x), down_name.format(x)
+            if up_key in tensors:
+                alpha_key, dora_key = f"{x}.alpha", f"{x}.dora_scale"
+                alpha = tensors[alpha_key].item() if alpha_key in tensors else None
+                dora_scale = tensors.get(dora_key)
+                loaded.update(k for k in (up_key, down_key, alpha_key, dora_key) if k in tensors)
+                patches.append((to, tensors[up_key], tensors[down_key], alpha, dora_scale))
+                break
+    return patches, sorted(set(tensors) - loaded)
+
+
+def _apply(weight: torch.Tensor, up, down, alpha, dora_scale, strength: float) -> torch.Tensor:
+    """LoRAAdapter.calculate_weight on one (float32) weight; returns the patched weight."""
+    mat1 = up.float()  # up   [out, r]
+    mat2 = down.float()  # down [r, in]
+    alpha = alpha / mat2.shape[0] if alpha is not None else 1.0
     lora_diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
     if dora_scale is None:
-        return weight + strength * alpha * lora_diff
+        return weight + (strength * alpha) * lora_diff
     # weight_decompose(dora_scale, weight, lora_diff, alpha, strength, intermediate_dtype, function)
     dora_scale = dora_scale.float()
     lora_diff = lora_diff * alpha
@@ -43,3 +192,31 @@ def comfy_merge(weight: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: 
         weight_calc -= weight
         return weight + strength * weight_calc
     return weight_calc
+
+
+def comfy_patched_weights(model_weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key_map: dict, strength: float):
+    """Float32 weights after ComfyUI applies the LoRA file `tensors` (only the patched keys), and keys not loaded."""
+    patches, not_loaded = comfy_lora_patches(tensors, key_map)
+    patched: dict[str, torch.Tensor] = {}
+    for to, up, down, alpha, dora_scale in patches:
+        key, offset = (to, None) if isinstance(to, str) else to
+        weight = patched.get(key)
+        if weight is None:
+            weight = model_weights[key].float().clone()
+            patched[key] = weight
+        view = weight if offset is None else weight.narrow(*offset)
+        view.copy_(_apply(view.clone(), up, down, alpha, dora_scale, strength))
+    return patched, not_loaded
+
+
+def comfy_merge(weight: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str, strength: float) -> torch.Tensor:
+    """Merged float32 weight for module key `prefix` (e.g. 'diffusion_model.layers.0.attention.qkv')."""
+    alpha_key = f"{prefix}.alpha"
+    return _apply(
+        weight.float().clone(),
+        tensors[f"{prefix}.lora_B.weight"],
+        tensors[f"{prefix}.lora_A.weight"],
+        tensors[alpha_key].item() if alpha_key in tensors else None,
+        tensors.get(f"{prefix}.dora_scale"),
+        strength,
+    )

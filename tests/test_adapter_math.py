@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from comfy_merge import comfy_merge
+from comfy_merge import comfy_key_map, comfy_merge, comfy_patched_weights
+from safetensors.torch import load_file
 from dit_trainer.training.models.zimage import ZImageConfig, ZImageDiT
 from dit_trainer.training.network.comfy_format import PREFIX, adapter_state_dict, load_adapter, save_adapter
 from dit_trainer.training.network.lora import LoRAModule
@@ -16,6 +17,19 @@ VARIANTS = [
     dict(algo="dora", dora_axis="input"),
     dict(algo="dora", dora_axis="output"),
 ]
+
+
+ZIMAGE_LAYOUT = dict(n_layers=2, dim=48, n_refiner_layers=1)  # tiny_model's, for ComfyUI's key map
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """PiSSA's init runs an SVD; MKL's threaded SVD spin-waits when the 2 CPU cores are shared
+    (0.8 s for a 144 x 48 matrix under load, 1 ms on one thread). Same result either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0) -> ZImageDiT:
@@ -69,26 +83,43 @@ def test_multiplier_zero_and_disabled_are_exact_noops(variant):
         assert torch.equal(model(x, sigma, ctx), base_out)
 
 
+STYLE_CASES = [
+    *[(variant, style) for variant in VARIANTS for style in ("comfy", "kohya")],
+    # PEFT files: ComfyUI maps transformer.<diffusers name> (q/k/v slices of the fused qkv)
+    # but ignores PEFT's lora_magnitude_vector, so only LoRA files apply there.
+    *[(variant, "peft") for variant in VARIANTS[:2]],
+    *[(dict(algo="lora", split_qkv=True), style) for style in ("comfy", "kohya", "peft")],
+    *[(dict(algo="lora", init="pissa"), style) for style in ("comfy", "kohya", "peft")],
+]
+
+
+def case_id(case) -> str:
+    variant, style = case
+    return "-".join(str(x) for x in variant.values()) + "-" + style
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v.values()))
-def test_exported_file_reproduces_engine_in_comfyui_merge(tmp_path, variant, strength):
-    """Every adapted layer: ComfyUI's merge of our file == the engine's layer output (fp32, 1e-5 rel)."""
+@pytest.mark.parametrize("case", STYLE_CASES, ids=case_id)
+def test_exported_file_reproduces_engine_in_comfyui_merge(tmp_path, case, strength, one_cpu_thread):
+    """Every adapted layer: stock ComfyUI's loading + merge of our file (against the ORIGINAL
+    checkpoint weights) == the engine's layer output (fp32, 1e-5 relative), in every key style."""
+    variant, style = case
     model = tiny_model()
+    checkpoint = {f"diffusion_model.{k}": v.clone() for k, v in model.state_dict().items()}
     network = LoRANetwork(model, "zimage", NetworkConfig(rank=4, **{"alpha": 2.0, **variant})).attach()
     randomise_adapters(network)
     network.set_multiplier(strength)
-    path = save_adapter(network, tmp_path / "adapter.safetensors")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+    tensors = load_file(str(save_adapter(network, tmp_path / "adapter.safetensors", style=style)))
+    key_map = comfy_key_map(checkpoint, zimage=ZIMAGE_LAYOUT)
+    patched, not_loaded = comfy_patched_weights(checkpoint, tensors, key_map, strength)
+    assert not not_loaded, f"ComfyUI would log 'lora key not loaded' for {not_loaded}"
     g = torch.Generator().manual_seed(5)
     for adapter in network.adapters:
         base = adapter.base
         x = torch.randn(3, 7, base.in_features, generator=g)
         with torch.no_grad():
             engine_out = base(x)  # hooked forward: base + adapter
-            merged = comfy_merge(base.weight, tensors, PREFIX + adapter.name, strength)
-            comfy_out = nn.functional.linear(x, merged, base.bias)
+            comfy_out = nn.functional.linear(x, patched[f"{PREFIX}{adapter.name}.weight"], base.bias)
         rel = (engine_out - comfy_out).abs().max() / engine_out.abs().max()
         assert rel < 1e-5, f"{adapter.name}: relative error {rel:.2e}"
 

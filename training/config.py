@@ -1,9 +1,14 @@
-"""Training options: one dataclass of plain values, saved with every adapter."""
+"""Training options: one dataclass of plain values, saved with every adapter and checkpoint.
+
+The CLI reads the same fields from the `[train]` table of a TOML file and the TrainLoRA
+node fills them from its widgets, so both run the same loop with the same semantics.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
+from .losses import LossConfig
 from .timesteps import TimestepConfig
 
 
@@ -12,21 +17,60 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | adamw_fused | adamw_foreach | adamw_schedulefree | sgd
+    optimizer_kwargs: dict = field(default_factory=dict)  # validated per optimizer
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "constant"  # constant | cosine
+    schedule: str = "constant"  # constant | linear | cosine | cosine_with_min_lr | polynomial | rex
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0: warmup = ratio * steps
     min_lr_ratio: float = 0.0
+    power: float = 1.0  # polynomial schedule
     max_grad_norm: float = 1.0  # 0 disables clipping
-    loss: str = "l2"  # l2 | huber | smooth_l1
-    huber_c: float = 0.1
+    scale_weight_norms: float = 0.0  # max-norm regularisation of the adapter (0: off)
+    loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
     gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # online EMA of the adapter (0: off)
+    ema_start_step: int = 0
+    ema_update_every: int = 1
     sample_every: int = 0  # preview every N steps (0: never)
+    save_every: int = 0  # resumable checkpoint every N steps (0: only at the end / on interrupt)
+    keep_last: int = 3  # resumable states kept; adapter snapshots are all kept for post-hoc EMA (0: keep all)
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN / inf losses
+
+    def __post_init__(self):
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if isinstance(self.timesteps, dict):
+            self.timesteps = TimestepConfig(**self.timesteps)
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "grad_accum", "ema_update_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train option {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "sample_every", "keep_last", "ema_start_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train option {name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train option lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train option ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train option mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from plain values (TOML / JSON); an unknown key is an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**values)

@@ -4,7 +4,7 @@ forward it to ComfyUI's ProgressBar and websocket."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -18,6 +18,8 @@ class ProgressEvent:
     elapsed_s: float
     eta_s: float
     previews: list[Image.Image] = field(default_factory=list)  # set on preview steps only
+    preview_captions: list[str] = field(default_factory=list)  # the prompt of each preview
+    norm_stats: Any = None  # max-norm regularisation report (keys scaled, mean / max norm) when enabled
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

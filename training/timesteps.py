@@ -1,13 +1,26 @@
 """Noise-level (sigma) sampling for flow-matching training.
 
-sigma in (0, 1): x_t = (1 - sigma) x0 + sigma * noise. Methods (musubi-tuner names):
-  uniform      sigma ~ U(0, 1)
-  sigmoid      sigma = sigmoid(scale * n), n ~ N(0, 1)
-  shift        sigmoid, then S(t; k) = k t / (1 + (k - 1) t) with k = discrete_flow_shift
-  flux_shift   sigmoid, then exp(mu) / (exp(mu) + 1/t - 1), mu linear in image tokens
-               (256 tokens -> 0.5, 4096 -> 1.15), as Flux.1's scheduler
-  qwen_shift   as flux_shift with 256 -> 0.5, 8192 -> 0.9 (Qwen-Image)
-  logsnr       logSNR ~ N(mean, std), sigma = sigmoid(-logSNR / 2)
+sigma in (0, 1): x_t = (1 - sigma) x0 + sigma * noise. Methods (musubi-tuner names), n ~ N(0, 1):
+  uniform        sigma ~ U(0, 1)
+  sigmoid        sigma = sigmoid(scale * n)
+  shift          sigmoid, then S(t; k) = k t / (1 + (k - 1) t) with k = discrete_flow_shift
+  flux_shift     sigmoid, then S(t; exp(mu)) = exp(mu) / (exp(mu) + 1/t - 1), mu linear in image
+                 tokens (256 -> 0.5, 4096 -> 1.15), as Flux.1's scheduler
+  qwen_shift     as flux_shift with 256 -> 0.5, 8192 -> 0.9 (Qwen-Image)
+  logsnr         logSNR ~ N(logsnr_mean, logsnr_std), sigma = sigmoid(-logSNR / 2)
+                 ("Style-friendly SNR sampler", arXiv:2411.14793)
+  qinglong_flux  per sample, a mixture: 80% flux_shift, 7.5% logsnr(logsnr_mean, logsnr_std),
+                 12.5% logsnr with fixed N(5.36, 1.0) (low noise, fine detail)
+  qinglong_qwen  the same with qwen_shift's mu
+The qinglong mixture is that of kohya-ss/musubi-tuner, src/musubi_tuner/hv_train_network.py
+(`timestep_sampling.startswith("qinglong")`: thresholds 0.80 / 0.875 on one uniform draw per
+sample; the second logsnr component uses the constants 5.36 and 1.0 whatever logsnr_mean is).
+
+Range [min_sigma, max_sigma], as musubi-tuner's min/max_timestep (which are these times 1000):
+  rescale  sigma = min + (max - min) * sigma         (musubi-tuner's default)
+  reject   redraw samples outside the range: the distribution restricted to it
+           (musubi-tuner's --preserve_distribution_shape)
+  clamp    clip into the range (puts the clipped mass on the two bounds)
 """
 
 from __future__ import annotations
@@ -17,7 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("uniform", "sigmoid", "shift", "flux_shift", "qwen_shift", "logsnr")
+METHODS = ("uniform", "sigmoid", "shift", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen")
+RANGE_MODES = ("rescale", "reject", "clamp")
+
+FLUX_MU = ((256, 0.5), (4096, 1.15))  # (image tokens, mu) at two resolutions
+QWEN_MU = ((256, 0.5), (8192, 0.9))
+QINGLONG_MID_SHARE = 0.80  # flux / qwen shift
+QINGLONG_LOGSNR_SHARE = 0.075  # logsnr(logsnr_mean, logsnr_std); the rest, 12.5%, is logsnr(5.36, 1.0)
+QINGLONG_DETAIL_LOGSNR = (5.36, 1.0)
+MAX_REJECT_ROUNDS = 1000
 
 
 @dataclass
@@ -29,6 +50,7 @@ class TimestepConfig:
     logsnr_std: float = 2.0
     min_sigma: float = 0.0
     max_sigma: float = 1.0
+    range_mode: str = "rescale"  # rescale | reject | clamp: how [min_sigma, max_sigma] is applied
 
 
 def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -43,24 +65,77 @@ def resolution_mu(n_tokens: int, base: tuple[int, float], top: tuple[int, float]
 
 
 def exp_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """exp(mu) / (exp(mu) + 1/t - 1), which is S(t; exp(mu))."""
     return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
 
 
-def sample_sigmas(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw `batch` sigmas (fp32, CPU) with the configured method."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"timestep sampling {cfg.method!r} is not one of {METHODS}")
+def _logsnr_sigma(normal: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return torch.sigmoid(-(mean + std * normal) / 2.0)
+
+
+def _draw(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` sigmas in (0, 1) before the range is applied."""
+    # The first normal draw comes first for every method, so the random stream of the
+    # original methods is unchanged by the ones added later.
     normal = torch.randn(batch, generator=generator)
     if cfg.method == "uniform":
-        t = torch.rand(batch, generator=generator)
-    elif cfg.method == "logsnr":
-        t = torch.sigmoid(-(cfg.logsnr_mean + cfg.logsnr_std * normal) / 2.0)
+        return torch.rand(batch, generator=generator)
+    if cfg.method == "logsnr":
+        return _logsnr_sigma(normal, cfg.logsnr_mean, cfg.logsnr_std)
+    t = torch.sigmoid(cfg.sigmoid_scale * normal)
+    if cfg.method == "sigmoid":
+        return t
+    if cfg.method == "shift":
+        return shift_sigma(t, cfg.discrete_flow_shift)
+    mu_points = FLUX_MU if cfg.method in ("flux_shift", "qinglong_flux") else QWEN_MU
+    mid = exp_shift(t, resolution_mu(n_image_tokens, *mu_points))
+    if cfg.method in ("flux_shift", "qwen_shift"):
+        return mid
+    choice = torch.rand(batch, generator=generator)
+    styled = _logsnr_sigma(torch.randn(batch, generator=generator), cfg.logsnr_mean, cfg.logsnr_std)
+    detail = _logsnr_sigma(torch.randn(batch, generator=generator), *QINGLONG_DETAIL_LOGSNR)
+    return torch.where(
+        choice < QINGLONG_MID_SHARE,
+        mid,
+        torch.where(choice < QINGLONG_MID_SHARE + QINGLONG_LOGSNR_SHARE, styled, detail),
+    )
+
+
+def _validate(cfg: TimestepConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"timestep sampling {cfg.method!r} is not one of {METHODS}")
+    if cfg.range_mode not in RANGE_MODES:
+        raise ValueError(f"timestep range_mode {cfg.range_mode!r} is not one of {RANGE_MODES}")
+    if not 0.0 <= cfg.min_sigma < cfg.max_sigma <= 1.0:
+        raise ValueError(
+            f"timestep range min_sigma={cfg.min_sigma}, max_sigma={cfg.max_sigma}: need 0 <= min_sigma < max_sigma <= 1"
+        )
+
+
+def sample_sigmas(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw `batch` sigmas (fp32, CPU) with the configured method and range.
+
+    `n_image_tokens` is the image sequence length the model sees (after patchifying); only
+    the resolution-dependent methods use it.
+    """
+    _validate(cfg)
+    low, high = cfg.min_sigma, cfg.max_sigma
+    if cfg.range_mode == "rescale":
+        sigma = low + (high - low) * _draw(cfg, batch, n_image_tokens, generator)
+    elif cfg.range_mode == "clamp":
+        sigma = _draw(cfg, batch, n_image_tokens, generator).clamp(low, high)
     else:
-        t = torch.sigmoid(cfg.sigmoid_scale * normal)
-        if cfg.method == "shift":
-            t = shift_sigma(t, cfg.discrete_flow_shift)
-        elif cfg.method == "flux_shift":
-            t = exp_shift(t, resolution_mu(n_image_tokens, (256, 0.5), (4096, 1.15)))
-        elif cfg.method == "qwen_shift":
-            t = exp_shift(t, resolution_mu(n_image_tokens, (256, 0.5), (8192, 0.9)))
-    return t.clamp(cfg.min_sigma, cfg.max_sigma).clamp(1e-5, 1.0 - 1e-5)
+        kept = torch.empty(0)
+        for _ in range(MAX_REJECT_ROUNDS):
+            draw = _draw(cfg, batch, n_image_tokens, generator)
+            kept = torch.cat([kept, draw[(draw >= low) & (draw <= high)]])
+            if len(kept) >= batch:
+                break
+        else:
+            raise ValueError(
+                f"timestep sampling {cfg.method!r} almost never lands in [{low}, {high}] "
+                f"({len(kept)} of {batch} after {MAX_REJECT_ROUNDS} rounds); widen the range or use range_mode='rescale'"
+            )
+        sigma = kept[:batch]
+    # sigma = 0 or 1 exactly makes the model input pure data or pure noise; keep it inside.
+    return sigma.clamp(1e-5, 1.0 - 1e-5)

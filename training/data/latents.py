@@ -41,20 +41,25 @@ class LatentDataset:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    @property
-    def n_image_tokens(self) -> int:
-        """Image tokens at patch size 2, for resolution-dependent timestep shifts."""
-        return (self.latents.shape[-2] // 2) * (self.latents.shape[-1] // 2)
-
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[LatentBatch]:
-        """Endless shuffled batches; each epoch is a fresh permutation drawn from `generator`."""
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
+        """Endless shuffled batches, a pure function of `seed`: epoch e is a permutation drawn
+        from a generator seeded with (seed, e), so `start` skips batches without replaying them
+        (exact resume). The last partial batch of an epoch is dropped."""
+        per_epoch = max(1, len(self) // batch_size)
+        epoch, offset = divmod(start, per_epoch)
         while True:
-            order = torch.randperm(len(self), generator=generator)
-            for start in range(0, len(self) - batch_size + 1 if len(self) >= batch_size else 1, batch_size):
-                idx = order[start : start + batch_size]
+            order = torch.randperm(len(self), generator=epoch_generator(seed, epoch))
+            for i in range(offset, per_epoch):
+                idx = order[i * batch_size : (i + 1) * batch_size]
                 yield LatentBatch(
                     self.latents[idx],
                     self.context[idx],
                     self.context_lens[idx],
                     None if self.weights is None else self.weights[idx],
                 )
+            epoch, offset = epoch + 1, 0
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator for one epoch's shuffle, independent of every other epoch's."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)

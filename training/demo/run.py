@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import TrainConfig
 from ..data.latents import LatentDataset
@@ -29,8 +28,9 @@ from ..network.network import LoRANetwork, NetworkConfig
 from ..plots import image_grid, loss_curve, save_png
 from ..progress import ProgressCallback
 from ..timesteps import TimestepConfig
+from .encoders import decode_images
 from .model import BASE_CHECKPOINT, demo_text_encoder, missing_checkpoint_error
-from .pixel_vae import PixelVAE, to_tensor, to_uint8
+from .pixel_vae import PixelVAE, to_tensor
 from .score import concept_score
 from .shapes import HELD_OUT_COLOUR, IMAGE_SIZE, concept_prompts, concept_samples
 
@@ -62,10 +62,6 @@ class DemoResult:
     seconds: float
     samples_scored: int
     extra: dict = field(default_factory=dict)
-
-
-def decode_images(latents: torch.Tensor) -> list[Image.Image]:
-    return [Image.fromarray(a) for a in to_uint8(PixelVAE().decode(latents))]
 
 
 def concept_dataset(n_images: int, seed: int) -> LatentDataset:

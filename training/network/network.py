@@ -1,33 +1,32 @@
-"""The adapter network: which Linear layers get an adapter, and the adapters themselves.
+"""The adapter network: which layers get an adapter, the adapters, and their optimizer view.
 
-Targets are chosen on dotted module names (ComfyUI's paths) with regex fullmatch:
-the architecture's default targets, minus its default excludes, minus
-`exclude_patterns`, plus `include_patterns` (include overrides exclude).
+Selection rules (targets.py): the architecture's default targets minus its default
+excludes and `exclude_patterns`, plus `include_patterns` (include overrides exclude),
+regex fullmatch on ComfyUI's dotted module names; per-layer rank / alpha from
+`rank_pattern` / `alpha_pattern` (first fullmatch wins) or the defaults.
+
+DoRA is applied to Linear layers only and is switched to plain LoRA, with one logged
+line per reason, where it cannot be computed as a re-normalised weight: Conv layers,
+network dropout, rank dropout and split q/k/v slices.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import asdict, dataclass, field
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
-from .lora import LoRAModule
+from .conv_lora import LoRAConvModule
+from .lora import ALGOS, DORA_AXES, INITS, LoRAModule
+from .targets import Selection, module_kinds, select_modules, split_dims
 
 log = logging.getLogger(__name__)
 
-# Per architecture: (default targets, default excludes). Modulation layers (adaLN) are
-# excluded by default, as in musubi-tuner; `exclude_mod=False` trains them too.
-ARCH_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "zimage": (
-        [r"layers\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"],
-        [r".*adaLN_modulation.*"],
-    ),
-}
-ZIMAGE_REFINERS = r"(noise|context)_refiner\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
-MODULATION = r".*adaLN_modulation.*"
+PARAM_GROUP_NAMES = ("lora_A", "lora_B", "magnitude")
 
 
 @dataclass
@@ -35,88 +34,169 @@ class NetworkConfig:
     """Adapter options; saved with every adapter file and checkpoint."""
 
     algo: str = "lora"  # lora | dora
-    rank: int = 16
-    alpha: float = 1.0
-    use_rslora: bool = False
+    rank: int = 16  # network_dim
+    alpha: float = 1.0  # network_alpha; scale alpha / rank (not alpha = rank)
+    use_rslora: bool = False  # scale alpha / sqrt(rank); alpha 0 means sqrt(rank)
     dora_axis: str = "input"  # input (ComfyUI dora_scale [1, in]) | output (PEFT / paper)
-    init: str = "kaiming"
-    dropout: float = 0.0
+    init: str = "kaiming"  # kaiming | orthogonal | pissa
+    dropout: float = 0.0  # network (neuron) dropout on A x
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     train_refiners: bool = False  # Z-Image: also adapt noise_refiner / context_refiner
-    exclude_mod: bool = True
+    exclude_mod: bool = True  # leave modulation (adaLN) layers out
     include_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
+    loraplus_lr_ratio: float = 0.0  # LoRA+: B at lr * ratio; 0 or 1 = off
+    conv_dim: int = 0  # rank for Conv layers; 0 leaves them out
+    conv_alpha: float = 1.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first fullmatch wins
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first fullmatch wins
+    split_qkv: bool = False  # separate LoRA per q / k / v slice of fused projections (kohya)
+    verbose: bool = False  # log every adapted layer with rank and alpha, and the skipped ones
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo {self.algo!r} is not one of {ALGOS}")
+        if self.dora_axis not in DORA_AXES:
+            raise ValueError(f"dora_axis {self.dora_axis!r} is not one of {DORA_AXES}")
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} is not one of {INITS}")
+        if self.rank < 1 or self.conv_dim < 0:
+            raise ValueError(f"rank must be >= 1 and conv_dim >= 0 (got rank={self.rank}, conv_dim={self.conv_dim})")
+        if self.loraplus_lr_ratio < 0:
+            raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio} must be >= 0 (0 or 1 turns LoRA+ off)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown network options {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
-def _fullmatch_any(patterns: list[str], name: str) -> bool:
-    return any(re.fullmatch(p, name) for p in patterns)
+
+@dataclass(frozen=True)
+class MaxNormStats:
+    """What one max-norm pass did (kohya's keys_scaled / mean_norm / max_norm)."""
+
+    keys_scaled: int
+    mean_norm: float
+    max_norm: float
+
+
+def select(model: nn.Module, architecture: str, cfg: NetworkConfig) -> Selection:
+    """The layers of `model` that `cfg` adapts (and those it skips, with reasons)."""
+    return select_modules(
+        module_kinds(model),
+        architecture,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        conv_dim=cfg.conv_dim,
+        conv_alpha=cfg.conv_alpha,
+        exclude_mod=cfg.exclude_mod,
+        train_refiners=cfg.train_refiners,
+        include_patterns=cfg.include_patterns,
+        exclude_patterns=cfg.exclude_patterns,
+        rank_pattern=cfg.rank_pattern,
+        alpha_pattern=cfg.alpha_pattern,
+    )
 
 
 def select_targets(model: nn.Module, architecture: str, cfg: NetworkConfig) -> list[str]:
-    """Dotted names of the Linear layers that get an adapter, in model order."""
-    if architecture not in ARCH_TARGETS:
-        raise ValueError(f"no adapter targets defined for architecture {architecture!r}; known: {sorted(ARCH_TARGETS)}")
-    targets, excludes = ARCH_TARGETS[architecture]
-    targets = list(targets)
-    excludes = [p for p in excludes if cfg.exclude_mod or p != MODULATION]
-    if not cfg.exclude_mod:
-        targets.append(MODULATION)
-    if architecture == "zimage" and cfg.train_refiners:
-        targets.append(ZIMAGE_REFINERS)
-    excludes += cfg.exclude_patterns
-    for pattern in cfg.include_patterns + cfg.exclude_patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"invalid include/exclude regex {pattern!r}: {err}") from err
-    selected = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if _fullmatch_any(cfg.include_patterns, name) or (
-            _fullmatch_any(targets, name) and not _fullmatch_any(excludes, name)
-        ):
-            selected.append(name)
-    if not selected:
-        raise ValueError(
-            f"no Linear layer of the {architecture} model matches the adapter targets; "
-            "check include_patterns / exclude_patterns (regex fullmatch on dotted names like 'layers.0.attention.qkv')"
-        )
-    return selected
+    """Dotted names of the layers that get an adapter, in model order."""
+    return select(model, architecture, cfg).names
+
+
+def frobenius_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
+    """||scale * up @ down||_F without the [out, in] product: sum((up^T up) * (down down^T))."""
+    down2 = down.flatten(1).float()
+    up2 = up.flatten(1).float()
+    sq = ((up2.t() @ up2) * (down2 @ down2.t())).sum()
+    return abs(scale) * math.sqrt(max(float(sq), 0.0))
 
 
 class LoRANetwork(nn.Module):
-    """All adapters of one model. Attach hooks them into the model's Linear forwards."""
+    """All adapters of one model. Attach hooks them into the model's layer forwards."""
 
     def __init__(self, model: nn.Module, architecture: str, cfg: NetworkConfig):
         super().__init__()
         self.cfg = cfg
         self.architecture = architecture
-        self.names = select_targets(model, architecture, cfg)
-        modules = dict(model.named_modules())
-        self.adapters = nn.ModuleList(
-            LoRAModule(
-                name,
-                modules[name],
-                rank=cfg.rank,
-                alpha=cfg.alpha,
-                algo=cfg.algo,
-                dora_axis=cfg.dora_axis,
-                use_rslora=cfg.use_rslora,
-                init=cfg.init,
-                dropout=cfg.dropout,
-                rank_dropout=cfg.rank_dropout,
-                module_dropout=cfg.module_dropout,
+        selection = select(model, architecture, cfg)
+        if not selection.chosen:
+            raise ValueError(
+                f"no layer of the {architecture} model matches the adapter targets; check include_patterns / "
+                "exclude_patterns / rank_pattern (regex fullmatch on dotted names like 'layers.0.attention.qkv')"
             )
-            for name in self.names
+        modules = dict(model.named_modules())
+        dora_off: dict[str, list[str]] = defaultdict(list)
+        adapters = []
+        for choice in selection.chosen:
+            adapters.append(self._build_adapter(choice.name, modules[choice.name], choice.rank, choice.alpha, dora_off))
+        self.names = selection.names
+        self.adapters = nn.ModuleList(adapters)
+        self.skipped = selection.skipped
+        for reason, names in dora_off.items():
+            log.warning("DoRA disabled on %d modules (plain LoRA there): %s", len(names), reason)
+        log.info(
+            "adapter network: %d modules (%s), rank %d, alpha %g%s",
+            len(self.names),
+            cfg.algo,
+            cfg.rank,
+            cfg.alpha,
+            ", RS-LoRA" if cfg.use_rslora else "",
         )
-        log.info("adapter network: %d %s modules, rank %d, alpha %g", len(self.names), cfg.algo, cfg.rank, cfg.alpha)
+        if cfg.verbose:
+            for line in self.describe():
+                log.info("%s", line)
 
-    def by_name(self) -> dict[str, LoRAModule]:
+    def _build_adapter(self, name: str, module: nn.Module, rank: int, alpha: float, dora_off: dict) -> nn.Module:
+        cfg = self.cfg
+        common = dict(
+            use_rslora=cfg.use_rslora,
+            init=cfg.init,
+            dropout=cfg.dropout,
+            rank_dropout=cfg.rank_dropout,
+            module_dropout=cfg.module_dropout,
+        )
+        if not isinstance(module, nn.Linear):
+            if cfg.algo == "dora":
+                dora_off["Conv layer (DoRA is Linear-only)"].append(name)
+            return LoRAConvModule(name, module, rank, alpha, **common)
+        split = split_dims(self.architecture, name, module.out_features, module.in_features) if cfg.split_qkv else None
+        algo = cfg.algo
+        if algo == "dora":
+            reasons = [
+                reason
+                for reason, applies in (
+                    ("dropout is set", bool(cfg.dropout)),
+                    ("rank_dropout is set", bool(cfg.rank_dropout)),
+                    ("split_qkv splits the layer", split is not None),
+                )
+                if applies
+            ]
+            for reason in reasons:
+                dora_off[reason].append(name)
+            if reasons:
+                algo = "lora"
+        return LoRAModule(name, module, rank, alpha, algo=algo, dora_axis=cfg.dora_axis, split_dims=split, **common)
+
+    def describe(self) -> list[str]:
+        """One line per adapted layer (kind, rank, alpha, algo) and per skipped layer (reason)."""
+        lines = []
+        for adapter in self.adapters:
+            extra = f", split {adapter.split_dims}" if adapter.split_dims else ""
+            algo = f"dora ({adapter.dora_axis} axis)" if adapter.algo == "dora" else "lora"
+            lines.append(
+                f"adapted {adapter.name}: {adapter.kind}, rank {adapter.rank}, alpha {adapter.alpha:g}, {algo}{extra}"
+            )
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        return lines
+
+    def by_name(self) -> dict[str, nn.Module]:
         return dict(zip(self.names, self.adapters))
 
     def attach(self) -> "LoRANetwork":
@@ -137,10 +217,58 @@ class LoRANetwork(nn.Module):
             adapter.enabled = enabled
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer parameter groups (one group; LoRA+ ratios come with the full option set)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        """Optimizer parameter groups: lora_A, lora_B (at lr * loraplus_lr_ratio) and magnitude.
+
+        LoRA+ (Hayou et al. 2024, kohya's loraplus_lr_ratio): only the B ("up")
+        matrices get the higher rate; A and the DoRA magnitudes keep the base lr.
+        Empty groups are left out.
+        """
+        ratio = self.cfg.loraplus_lr_ratio if self.cfg.loraplus_lr_ratio > 0 else 1.0
+        lrs = {"lora_A": lr, "lora_B": lr * ratio, "magnitude": lr}
+        params: dict[str, list[nn.Parameter]] = {name: [] for name in PARAM_GROUP_NAMES}
+        for adapter in self.adapters:
+            params["lora_A"].append(adapter.lora_A)
+            params["lora_B"].append(adapter.lora_B)
+            if adapter.magnitude is not None:
+                params["magnitude"].append(adapter.magnitude)
+        return [
+            {"params": [p for p in params[name] if p.requires_grad], "lr": lrs[name], "name": name}
+            for name in PARAM_GROUP_NAMES
+            if any(p.requires_grad for p in params[name])
+        ]
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> MaxNormStats:
+        """kohya's max-norm regularisation (scale_weight_norms), after an optimizer step.
+
+        Per adapter: norm = ||s B A||_F (clamped below at max_norm / 2 to avoid 0 / 0),
+        ratio = min(norm, max_norm) / norm, and A and B are both scaled by sqrt(ratio).
+        Returns the number of adapters scaled and the mean / max norm after scaling.
+        """
+        if max_norm <= 0:
+            raise ValueError(f"scale_weight_norms={max_norm} must be > 0")
+        keys_scaled, norms = 0, []
+        for adapter in self.adapters:
+            if adapter.init == "pissa":
+                raise ValueError(
+                    f"{adapter.name}: scale_weight_norms would shrink the principal part that init='pissa' moved "
+                    "into the adapter; use init='kaiming' or turn scale_weight_norms off"
+                )
+            down, up = adapter.export_factors()
+            norm = frobenius_norm(down, up, adapter.scale)
+            clamped = max(norm, max_norm / 2)
+            ratio = min(clamped, max_norm) / clamped
+            if ratio != 1.0:
+                keys_scaled += 1
+                adapter.lora_A.mul_(math.sqrt(ratio))
+                adapter.lora_B.mul_(math.sqrt(ratio))
+            norms.append(norm * ratio)
+        return MaxNormStats(keys_scaled, sum(norms) / len(norms), max(norms))
 
     @torch.no_grad()
     def copy_from(self, other: "LoRANetwork") -> None:
-        for mine, theirs in zip(self.parameters(), other.parameters()):
-            mine.copy_(theirs)
+        mine, theirs = self.state_dict(), other.state_dict()
+        if mine.keys() != theirs.keys():
+            raise ValueError("copy_from: the two networks adapt different layers or options; build them with one config")
+        for key, tensor in mine.items():
+            tensor.copy_(theirs[key])

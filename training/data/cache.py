@@ -1,0 +1,140 @@
+"""Encoder-output caches keyed by content, so a second run starts without encoding.
+
+* Latents: one safetensors file per image, <cache_dir>/latents/<key>.safetensors, with
+  key = sha256(format version, encoder_id, latent downscale, image bytes, mask source and
+  mask bytes, bucket, resize, crop). See `latent_key`.
+* Text: one file per caption string, <cache_dir>/text/<key>.safetensors, with
+  key = sha256(format version, encoder_id, caption), plus an in-memory LRU. Shuffled,
+  dropped and wildcard variants are separate strings, each encoded once on first use.
+
+A changed image, mask, caption, encoder or bucket gives a new key, so a stale entry is
+never read. Old entries are not pruned: another dataset, or the same one under other
+settings, may share the folder and still need them. Deleting the cache folder is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .buckets import Placement
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = "1"  # bump when the stored tensors change meaning
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+# With caption shuffling the number of distinct caption strings grows without bound,
+# so only this much of their embeddings stays in memory; the rest is re-read from disk.
+TEXT_MEMORY_BUDGET_BYTES = 2 << 30
+
+
+def content_key(*parts: bytes | str) -> str:
+    """sha256 over length-prefixed parts, so that no two part lists hash alike."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def latent_key(
+    encoder_id: str, downscale: int, image_bytes: bytes, mask_source: str, mask_bytes: bytes, placement: Placement
+) -> str:
+    geometry = f"bucket={placement.bucket} resized={placement.resized} crop={placement.crop} downscale={downscale}"
+    return content_key(CACHE_FORMAT_VERSION, encoder_id, geometry, image_bytes, mask_source, mask_bytes)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a temp file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors in `path`, or None when it is missing or unreadable (then it is re-encoded)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except Exception as error:  # a truncated or foreign file is a cache miss, not a failure
+        log.warning("ignoring unreadable cache file %s (%s); it will be re-encoded", path, error)
+        return None
+
+
+class TextEmbeddingCache:
+    """Caption string -> text-encoder states [length, D], from memory, disk, or the encoder."""
+
+    def __init__(self, encode_text: TextEncoder, encoder_id: str, folder: Path | None) -> None:
+        self.encode_text = encode_text
+        self.encoder_id = encoder_id
+        self.folder = folder  # None: memory only
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory_bytes = 0
+
+    def key(self, caption: str) -> str:
+        return content_key(CACHE_FORMAT_VERSION, self.encoder_id, caption)
+
+    def _remember(self, key: str, states: torch.Tensor) -> None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return
+        self._memory[key] = states
+        self._memory_bytes += states.numel() * states.element_size()
+        while self._memory_bytes > TEXT_MEMORY_BUDGET_BYTES and len(self._memory) > 1:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_bytes -= evicted.numel() * evicted.element_size()
+
+    def _lookup(self, caption: str) -> torch.Tensor | None:
+        key = self.key(caption)
+        states = self._memory.get(key)
+        if states is None and self.folder is not None:
+            stored = load_tensors(self.folder / f"{key}.safetensors")
+            states = None if stored is None else stored.get("states")
+        if states is not None:
+            self._remember(key, states)
+        return states
+
+    def get(self, captions: list[str]) -> list[torch.Tensor]:
+        """States [length_i, D] per caption; all uncached captions go to the encoder in one call."""
+        found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
+        missing = [caption for caption, states in found.items() if states is None]
+        if missing:
+            for caption, states in zip(missing, self._encode(missing)):
+                key = self.key(caption)
+                if self.folder is not None:
+                    save_tensors(self.folder / f"{key}.safetensors", {"states": states})
+                self._remember(key, states)
+                found[caption] = states
+        return [found[caption] for caption in captions]
+
+    def _encode(self, captions: list[str]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            output = self.encode_text(captions)
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise TypeError("the text encoder must return (states [N, L, D], lengths [N])")
+        states, lengths = output
+        if states.ndim != 3 or states.shape[0] != len(captions) or tuple(lengths.shape) != (len(captions),):
+            raise ValueError(
+                f"the text encoder returned states {tuple(states.shape)} and lengths {tuple(lengths.shape)} "
+                f"for {len(captions)} captions; expected [{len(captions)}, L, D] and [{len(captions)}]"
+            )
+        if int(lengths.max()) > states.shape[1] or int(lengths.min()) < 0:
+            raise ValueError(f"text encoder lengths {lengths.tolist()} fall outside 0..{states.shape[1]}")
+        # Trimmed to each length: the contract says states past it are zero padding.
+        return [states[i, : int(n)].detach().cpu().clone() for i, n in enumerate(lengths)]

@@ -1,0 +1,138 @@
+"""Finding the training files in a folder: images, same-stem captions, masks, repeat subfolders.
+
+Layout (kohya sd-scripts' DreamBooth style):
+
+    folder/
+        a.png  a.txt            an image and its caption (same stem, caption_extension)
+        masks/a.png             optional loss mask for a.png (same stem, any image extension)
+        10_concept/             "N_name" subfolder: its images repeat N x repeats times per epoch
+            b.jpg  b.txt
+            masks/b.png
+        .dit_cache/             hidden folders are skipped (the default cache lives here)
+
+Only one level of "N_name" subfolders is read; other subfolders are logged and skipped.
+A caption file is UTF-8; a missing one gives `default_caption`.
+
+Masks (`DataConfig.masks`), decided per image:
+* "auto": masks/<stem>.* when the image's folder has a masks/ subfolder (no file there: no
+  mask); otherwise the alpha channel, unless it is fully opaque; otherwise no mask.
+* "folder": masks/<stem>.* only; at least one masks/ subfolder must exist.
+* "alpha": the alpha channel, even a fully opaque one; images without alpha have no mask.
+* "none": no masks.
+A mask file must have the same size as its image (kohya asserts the same for its
+conditioning images); masks are not stretched to fit, since a stretched mask marks the
+wrong pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DataConfig
+from .images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+MASKS_FOLDER = "masks"
+_REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    caption: str  # the caption file's text, or default_caption
+    caption_missing: bool
+    repeats: int  # examples per epoch
+    mask_source: str  # "file" | "alpha" | "alpha_if_transparent" | "none"
+    mask_path: Path | None  # the mask file when mask_source is "file"
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def name_list(paths: list[Path], limit: int = 20) -> str:
+    """'a.png, b.png, ... and 3 more' for log lines and errors."""
+    names = [p.name for p in paths[:limit]]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(names) + more
+
+
+def read_caption(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop the BOM some editors write
+    except UnicodeDecodeError as error:
+        raise ValueError(f"caption file {path} is not UTF-8 text ({error}); save it as UTF-8") from error
+    return text.replace("\r\n", "\n").strip()
+
+
+def _image_folders(folder: Path, cfg: DataConfig) -> list[tuple[Path, int]]:
+    """(folder, repeats) for the top level and every "N_name" subfolder."""
+    folders = [(folder, cfg.repeats)]
+    skipped = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name.startswith(".") or sub.name == MASKS_FOLDER:
+            continue
+        match = _REPEAT_FOLDER.fullmatch(sub.name)
+        if match is None or int(match.group(1)) < 1:
+            skipped.append(sub)
+            continue
+        folders.append((sub, cfg.repeats * int(match.group(1))))
+    if skipped:
+        log.warning(
+            "skipped subfolders of %s that are not named 'N_name' with N >= 1 (N = repeats): %s",
+            folder, name_list(skipped),
+        )
+    return folders
+
+
+def _mask_files(image_folder: Path) -> dict[str, Path] | None:
+    """Mask file per image stem, or None when the folder has no masks/ subfolder."""
+    masks_dir = image_folder / MASKS_FOLDER
+    if not masks_dir.is_dir():
+        return None
+    by_stem: dict[str, Path] = {}
+    for path in sorted(masks_dir.iterdir()):
+        if is_image(path):
+            by_stem.setdefault(path.stem, path)
+    return by_stem
+
+
+def scan_folder(folder: Path, cfg: DataConfig) -> list[ImageFile]:
+    """Every image under `folder` with its caption, repeats and mask source, sorted by path."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist or is not a folder")
+    images: list[ImageFile] = []
+    masks_folder_seen = False
+    for image_folder, repeats in _image_folders(folder, cfg):
+        masks = _mask_files(image_folder) if cfg.masks in ("auto", "folder") else None
+        masks_folder_seen |= masks is not None
+        for path in sorted(p for p in image_folder.iterdir() if is_image(p)):
+            caption_path = path.with_suffix(cfg.caption_extension)
+            caption_missing = not caption_path.is_file()
+            mask_path = None if masks is None else masks.get(path.stem)
+            if mask_path is not None:
+                mask_source = "file"
+            elif cfg.masks == "alpha":
+                mask_source = "alpha"
+            elif cfg.masks == "auto" and masks is None:
+                mask_source = "alpha_if_transparent"
+            else:
+                mask_source = "none"
+            images.append(ImageFile(
+                path=path,
+                caption=cfg.default_caption if caption_missing else read_caption(caption_path),
+                caption_missing=caption_missing,
+                repeats=repeats,
+                mask_source=mask_source,
+                mask_path=mask_path,
+            ))
+    if cfg.masks == "folder" and not masks_folder_seen:
+        raise FileNotFoundError(
+            f"masks='folder' but neither {folder} nor its N_name subfolders have a '{MASKS_FOLDER}' "
+            "subfolder; add one with a mask per image (same stem), or use masks='auto' / 'alpha' / 'none'"
+        )
+    return images

@@ -1,0 +1,361 @@
+"""A training dataset read from a folder of images and captions, served as bucketed batches.
+
+The engine never sees a VAE or text encoder, only two callables:
+
+    ImageEncoder: images [B, 3, H, W] float in [0, 1] -> latents [B, C, H/d, W/d]
+    TextEncoder:  captions -> (states [N, L, D] zero past each length, lengths [N])
+
+`FolderDataset.from_folder` scans the folder (files.py), assigns buckets (buckets.py),
+loads each image's latents from the disk cache or encodes them (cache.py), and keeps the
+latents in memory. Captions are processed per draw (captions.py) and their embeddings
+come from a per-string cache, so the text encoder runs only for strings never seen before.
+The batch sequence is a pure function of (seed, dataset contents) (order.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .buckets import ImageTooSmall, Placement, Size, place_image
+from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
+from .captions import fixed_caption, process_caption
+from .config import DataConfig
+from .files import ImageFile, name_list, scan_folder
+from .images import IMAGE_EXTENSIONS, decode_image, decode_mask, fit_to_bucket, read_info
+from .latents import LatentBatch
+from .masks import mask_to_latent, mask_weights
+from .order import batches_per_epoch, epoch_batches, seeded_generator
+
+log = logging.getLogger(__name__)
+
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_CACHE_FOLDER = ".dit_cache"
+_TEXT_ENCODE_CHUNK = 64  # captions per text-encoder call when pre-encoding
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    image_path: Path
+    caption: str  # as read from the caption file (before wildcards / shuffle / dropout)
+    bucket: Size  # (width, height) in pixels
+    has_mask: bool
+    repeats: int
+    caption_missing: bool
+
+
+@dataclass
+class _Encoded:
+    """One usable image: where it sits in its bucket, its latents and latent-size mask."""
+
+    file: ImageFile
+    size: Size  # (width, height) of the image as displayed
+    placement: Placement
+    latents: torch.Tensor  # (C, h, w)
+    mask: torch.Tensor | None  # (1, h, w) in [0, 1]
+    from_cache: bool
+
+
+class _Unusable(Exception):
+    """An image file that cannot be used; it is skipped and listed in one warning."""
+
+
+def _check_encoder_args(cfg: DataConfig, latent_downscale: int, patch: int, encoder_id: str) -> None:
+    for name, value in (("latent_downscale", latent_downscale), ("patch", patch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(encoder_id, str) or not encoder_id:
+        raise ValueError("encoder_id must be a non-empty string naming the VAE and text encoder (part of cache keys)")
+    unit = latent_downscale * patch
+    if cfg.bucket_step % unit:
+        raise ValueError(
+            f"bucket_step {cfg.bucket_step} is not a multiple of {unit} (VAE downscale {latent_downscale} x "
+            f"patch {patch}), so buckets would not split into whole latent patches; "
+            f"use bucket_step {math.lcm(cfg.bucket_step, unit)}"
+        )
+
+
+def _image_space_mask(source: str, mask_bytes: bytes, alpha: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask [H, W] for a mask source (the modes are described in files.py)."""
+    if source == "file":
+        return decode_mask(mask_bytes)
+    if source == "alpha":
+        return alpha
+    if source == "alpha_if_transparent" and alpha is not None and float(alpha.min()) < 1.0:
+        return alpha  # a fully opaque alpha (common in PNG exports) marks nothing
+    return None
+
+
+def _load_or_encode(
+    file: ImageFile, cfg: DataConfig, encode_images: ImageEncoder, downscale: int, encoder_id: str,
+    latent_folder: Path | None,
+) -> _Encoded:
+    try:
+        image_bytes = file.path.read_bytes()
+        info = read_info(image_bytes)
+    except Exception as error:  # PIL raises many types for broken files; all mean "skip this image"
+        raise _Unusable(f"unreadable: {error}") from error
+    mask_bytes = b""
+    if file.mask_source == "file":
+        mask_bytes = file.mask_path.read_bytes()
+        try:
+            mask_size = read_info(mask_bytes).size
+        except Exception as error:
+            raise ValueError(
+                f"mask file {file.mask_path} is not a readable image ({error}); fix or remove it"
+            ) from error
+        if mask_size != info.size:
+            raise ValueError(
+                f"mask {file.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {file.path} is "
+                f"{info.size[0]}x{info.size[1]}; masks must have the size of their image"
+            )
+    try:
+        placement = place_image(info.size, cfg)
+    except ImageTooSmall as error:
+        raise _Unusable(str(error)) from error
+    latent_size = (placement.bucket[1] // downscale, placement.bucket[0] // downscale)
+
+    key = latent_key(encoder_id, downscale, image_bytes, file.mask_source, mask_bytes, placement)
+    cache_path = None if latent_folder is None else latent_folder / f"{key}.safetensors"
+    stored = None if cache_path is None else load_tensors(cache_path)
+    if stored is not None and "latents" in stored and tuple(stored["latents"].shape[-2:]) == latent_size:
+        return _Encoded(file, info.size, placement, stored["latents"], stored.get("mask"), from_cache=True)
+
+    try:
+        rgb, alpha = decode_image(image_bytes)
+    except Exception as error:
+        raise _Unusable(f"cannot decode: {error}") from error
+    with torch.no_grad():
+        latents = encode_images(fit_to_bucket(rgb, placement)[None])
+    if latents.ndim != 4 or latents.shape[0] != 1 or tuple(latents.shape[-2:]) != latent_size:
+        raise ValueError(
+            f"the image encoder turned {file.path.name} ({placement.bucket[0]}x{placement.bucket[1]}) into latents "
+            f"of shape {tuple(latents.shape)}; expected [1, C, {latent_size[0]}, {latent_size[1]}]. "
+            f"Is latent_downscale={downscale} right for this VAE?"
+        )
+    latents = latents[0].detach().cpu()
+
+    mask = _image_space_mask(file.mask_source, mask_bytes, alpha)
+    latent_mask = None if mask is None else mask_to_latent(mask, placement, downscale)
+
+    if cache_path is not None:
+        tensors = {"latents": latents} if latent_mask is None else {"latents": latents, "mask": latent_mask}
+        save_tensors(cache_path, tensors, metadata={"image": file.path.name, "format": "dit_trainer latents"})
+    return _Encoded(file, info.size, placement, latents, latent_mask, from_cache=False)
+
+
+class FolderDataset:
+    """Images + captions from a folder; endless bucketed batches of latents and text states.
+
+    Build it with `from_folder`. Batches carry no loss weights until `with_mask_weights`.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, folder: Path, encoded: list[_Encoded], text_cache: TextEmbeddingCache,
+        latent_downscale: int, skipped: list[tuple[Path, str]],
+    ) -> None:
+        self.cfg = cfg
+        self.folder = folder
+        self.items = [
+            DatasetItem(e.file.path, e.file.caption, e.placement.bucket, e.mask is not None, e.file.repeats,
+                        e.file.caption_missing)
+            for e in encoded
+        ]
+        self._sizes = [e.size for e in encoded]
+        self._placements = [e.placement for e in encoded]
+        self._latents = [e.latents for e in encoded]
+        self._masks = [e.mask for e in encoded]
+        self._weights: list[torch.Tensor] | None = None  # (1, h, w) per item once weighting is on
+        self._text = text_cache
+        self._latent_downscale = latent_downscale
+        self._skipped = skipped
+        self._from_cache = sum(e.from_cache for e in encoded)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        cfg: DataConfig,
+        encode_images: ImageEncoder,
+        encode_text: TextEncoder,
+        latent_downscale: int,
+        encoder_id: str,
+        patch: int = 2,
+    ) -> FolderDataset:
+        """Scan `folder`, bucket and encode every usable image (or read it from the cache).
+
+        `encoder_id` names the VAE and text encoder (a weights hash or a name); it is part of
+        every cache key, so a different encoder never reads another one's cache. Unreadable
+        images are skipped and listed in one warning; no usable image at all is an error.
+        """
+        folder = Path(folder)
+        _check_encoder_args(cfg, latent_downscale, patch, encoder_id)
+        cache_dir = folder / DEFAULT_CACHE_FOLDER if cfg.cache_dir is None else Path(cfg.cache_dir)
+        to_disk = cfg.cache_latents_to_disk
+
+        encoded: list[_Encoded] = []
+        skipped: list[tuple[Path, str]] = []
+        for file in scan_folder(folder, cfg):
+            try:
+                encoded.append(_load_or_encode(
+                    file, cfg, encode_images, latent_downscale, encoder_id, cache_dir / "latents" if to_disk else None,
+                ))
+            except _Unusable as reason:
+                skipped.append((file.path, str(reason)))
+        if skipped:
+            log.warning(
+                "skipped %d image(s) in %s that cannot be used: %s", len(skipped), folder,
+                "; ".join(f"{path.name} ({reason})" for path, reason in skipped),
+            )
+        if not encoded:
+            unusable = f"; {len(skipped)} image file(s) could not be used: {name_list([p for p, _ in skipped])}" \
+                if skipped else ""
+            raise ValueError(
+                f"no usable images in {folder}: looked for {', '.join(IMAGE_EXTENSIONS)} files (any case) at its "
+                f"top level and in 'N_name' repeat subfolders{unusable}"
+            )
+
+        missing = [e.file.path for e in encoded if e.file.caption_missing]
+        if missing:
+            log.warning(
+                "%d image(s) have no %s caption file and use the default caption %r: %s",
+                len(missing), cfg.caption_extension, cfg.default_caption, name_list(missing),
+            )
+
+        text_cache = TextEmbeddingCache(encode_text, encoder_id, cache_dir / "text" if to_disk else None)
+        # Captions that never change are encoded now, so training needs the text encoder
+        # only for shuffled / dropped / wildcard variants.
+        fixed = list(dict.fromkeys(c for c in (fixed_caption(e.file.caption, cfg) for e in encoded) if c is not None))
+        for start in range(0, len(fixed), _TEXT_ENCODE_CHUNK):
+            text_cache.get(fixed[start : start + _TEXT_ENCODE_CHUNK])
+
+        dataset = cls(cfg, folder, encoded, text_cache, latent_downscale, skipped)
+        log.info("dataset %s:\n%s", folder, dataset.summary())
+        return dataset
+
+    def __len__(self) -> int:
+        """Examples per epoch, counting repeats."""
+        return sum(item.repeats for item in self.items)
+
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
+        """Endless batches, each from one bucket; a pure function of (seed, dataset contents).
+
+        Epoch e orders the examples with a generator seeded from (seed, e); the caption draws
+        of batch k come from one seeded from (seed, k). `start` skips the first `start`
+        batches without encoding anything for them, for an exact resume.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        buckets = sorted({item.bucket for item in self.items})
+        bucket_examples = [
+            [i for i, item in enumerate(self.items) if item.bucket == bucket for _ in range(item.repeats)]
+            for bucket in buckets
+        ]
+        epoch, offset = divmod(start, batches_per_epoch([len(e) for e in bucket_examples], batch_size))
+        return self._stream(bucket_examples, batch_size, seed, epoch, offset, start)
+
+    def _stream(
+        self, bucket_examples: list[list[int]], batch_size: int, seed: int, epoch: int, offset: int, index: int
+    ) -> Iterator[LatentBatch]:
+        while True:
+            plan = epoch_batches(bucket_examples, batch_size, seeded_generator(seed, "epoch", epoch))
+            for members in plan[offset:]:
+                yield self._batch(members, seeded_generator(seed, "caption", index))
+                index += 1
+            epoch, offset = epoch + 1, 0
+
+    def _batch(self, members: list[int], caption_rng: torch.Generator) -> LatentBatch:
+        captions = [process_caption(self.items[i].caption, self.cfg, caption_rng) for i in members]
+        states = self._text.get(captions)
+        longest = max(1, max(s.shape[0] for s in states))
+        context = states[0].new_zeros(len(members), longest, states[0].shape[-1])  # (B, L, D)
+        for row, s in enumerate(states):
+            context[row, : s.shape[0]] = s
+        return LatentBatch(
+            latents=torch.stack([self._latents[i] for i in members]),  # (B, C, h, w)
+            context=context,
+            context_lens=torch.tensor([s.shape[0] for s in states], dtype=torch.int64),
+            weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
+        )
+
+    def with_mask_weights(
+        self, gamma: float = 1.0, min_weight: float = 0.0, masks: list[torch.Tensor | None] | None = None
+    ) -> FolderDataset:
+        """A copy whose batches carry per-pixel loss weights [B, 1, h, w] (see `mask_weights`).
+
+        `masks` replaces the dataset's own masks: one image-space [H, W] tensor in [0, 1] (or
+        None) per item, in `items` order, at its image's size; each gets its image's resize
+        and crop. Items without a mask weigh 1 everywhere; if no item has a mask the batches
+        carry no weights at all.
+        """
+        mask_weights(torch.ones(1), gamma, min_weight)  # validate before any work
+        latent_masks = self._masks if masks is None else self._override_masks(masks)
+        weighted = copy.copy(self)
+        weighted.items = [
+            dataclasses.replace(item, has_mask=m is not None) for item, m in zip(self.items, latent_masks)
+        ]
+        weighted._masks = latent_masks
+        if all(m is None for m in latent_masks):
+            log.warning("no dataset item has a mask, so batches carry no loss weights")
+            weighted._weights = None
+        else:
+            weighted._weights = [
+                torch.ones(1, *lat.shape[-2:]) if m is None else mask_weights(m, gamma, min_weight)
+                for m, lat in zip(latent_masks, self._latents)
+            ]
+        return weighted
+
+    def _override_masks(self, masks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        if len(masks) != len(self.items):
+            raise ValueError(
+                f"got {len(masks)} masks for {len(self.items)} dataset images; give one mask (or None) per "
+                "image, in the dataset's item order"
+            )
+        latent_masks = []
+        for item, size, placement, mask in zip(self.items, self._sizes, self._placements, masks):
+            if mask is None:
+                latent_masks.append(None)
+                continue
+            mask = mask.detach().float().cpu()
+            if mask.ndim == 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            if tuple(mask.shape) != (size[1], size[0]):
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} for {item.image_path.name}, whose image is "
+                    f"{size[0]}x{size[1]}; give a [{size[1]}, {size[0]}] mask (height, width) for it"
+                )
+            latent_masks.append(mask_to_latent(mask.clamp(0, 1), placement, self._latent_downscale))
+        return latent_masks
+
+    def summary(self) -> str:
+        """Counts per bucket, missing captions, masks, skipped files and cache use, for logs and the UI."""
+        images_per_bucket = Counter(item.bucket for item in self.items)
+        examples_per_bucket = Counter()
+        for item in self.items:
+            examples_per_bucket[item.bucket] += item.repeats
+        lines = [f"{len(self.items)} images, {len(self)} examples per epoch, {len(images_per_bucket)} bucket(s)"]
+        for bucket in sorted(images_per_bucket):
+            lines.append(
+                f"  {bucket[0]}x{bucket[1]}: {images_per_bucket[bucket]} images, {examples_per_bucket[bucket]} examples"
+            )
+        missing = [item.image_path for item in self.items if item.caption_missing]
+        if missing:
+            lines.append(f"missing captions: {len(missing)} (default caption {self.cfg.default_caption!r} used): "
+                         f"{name_list(missing)}")
+        n_masks = sum(item.has_mask for item in self.items)
+        use = "used as loss weights" if self._weights is not None else "not used until mask weighting is added"
+        lines.append(f"masks: {n_masks} of {len(self.items)} images ({use})")
+        if self._skipped:
+            lines.append(f"skipped: {len(self._skipped)} unusable image(s): {name_list([p for p, _ in self._skipped])}")
+        lines.append(f"latents: {self._from_cache} from cache, {len(self.items) - self._from_cache} encoded")
+        return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""What the engine needs from a VAE and a text encoder, as plain callables.
+
+The engine never holds a VAE or text encoder object: ComfyUI's nodes wrap the
+connected CLIP / VAE in these callables, and the embedded demo wraps its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] -> latents (B, C, H/d, W/d)
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # -> (N, L, D) zero-padded, (N,) lengths
+LatentDecoder = Callable[[torch.Tensor], list[Image.Image]]  # latents -> images
+
+
+@dataclass
+class Encoders:
+    encode_images: ImageEncoder
+    encode_text: TextEncoder
+    decode: LatentDecoder
+    latent_downscale: int  # pixels per latent cell along each side
+    latent_channels: int
+    encoder_id: str  # names the encoders in cache keys: a different VAE / text encoder re-encodes

@@ -1,0 +1,191 @@
+"""Optimizers by allow-listed name, with their extra arguments validated.
+
+Names (no class is ever imported from a user-given string):
+  adamw               torch AdamW: the fused kernel when every parameter is on CUDA, foreach otherwise
+  adamw_fused         torch AdamW(fused=True); refused where the device has no fused kernel
+  adamw_foreach       torch AdamW(foreach=True)
+  adamw_schedulefree  schedulefree.AdamWScheduleFree (Defazio et al. 2024, "The Road Less Scheduled")
+  sgd                 torch SGD (betas are ignored)
+
+Schedule-free AdamW keeps two points per parameter: the training point y, where gradients
+are taken, and the averaged point x, which is the model to sample with, average and save
+(z, the base sequence, lives in the optimizer state). The parameters hold y in train mode
+and x in eval mode. So: call `train_mode` before the first step and after loading a
+checkpoint, and wrap previews, EMA updates and every save in `eval_weights`, as the
+schedulefree README asks ("the optimizer should also be placed in eval mode when saving
+checkpoints"). It replaces the lr schedule: use the "constant" scheduler and its own
+`warmup_steps` kwarg.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import schedulefree
+import torch
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_foreach", "adamw_schedulefree", "sgd")
+
+
+def _non_negative_float(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_float(value: Any) -> bool:
+    return _non_negative_float(value) and value > 0
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unit_interval(value: Any) -> bool:
+    return _non_negative_float(value) and value < 1
+
+
+# Per optimizer: extra kwarg -> (check, what a valid value is). Only these keys pass through.
+_KwargRule = tuple[Callable[[Any], bool], str]
+_ADAMW_KWARGS: dict[str, _KwargRule] = {
+    "eps": (_positive_float, "a float > 0"),
+    "amsgrad": (lambda v: isinstance(v, bool), "true or false"),
+}
+ALLOWED_KWARGS: dict[str, dict[str, _KwargRule]] = {
+    "adamw": _ADAMW_KWARGS,
+    "adamw_fused": _ADAMW_KWARGS,
+    "adamw_foreach": _ADAMW_KWARGS,
+    "adamw_schedulefree": {
+        "eps": (_positive_float, "a float > 0"),
+        "warmup_steps": (_non_negative_int, "an int >= 0"),
+        "r": (_non_negative_float, "a float >= 0"),
+        "weight_lr_power": (_non_negative_float, "a float >= 0"),
+    },
+    "sgd": {
+        "momentum": (_unit_interval, "a float in [0, 1)"),
+        "dampening": (_unit_interval, "a float in [0, 1)"),
+        "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    },
+}
+
+
+def _validated_kwargs(name: str, kwargs: dict | None) -> dict:
+    allowed = ALLOWED_KWARGS[name]
+    kwargs = dict(kwargs or {})
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ValueError(
+                f"optimizer {name!r} does not take the argument {key!r}; allowed: {sorted(allowed) or 'none'}"
+            )
+        check, expected = allowed[key]
+        if not check(value):
+            raise ValueError(f"optimizer {name!r}: {key}={value!r} is invalid, expected {expected}")
+    if name == "sgd" and kwargs.get("nesterov") and (kwargs.get("momentum", 0) == 0 or kwargs.get("dampening", 0) != 0):
+        raise ValueError("optimizer 'sgd': nesterov=true needs momentum > 0 and dampening 0")
+    return kwargs
+
+
+def _fused_devices() -> tuple[str, ...]:
+    # torch keeps the list private; CUDA has had fused AdamW since 2.0.
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ("cuda",)
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def _param_devices(param_groups: list[dict]) -> set[str]:
+    return {p.device.type for group in param_groups for p in group["params"]}
+
+
+def make_optimizer(
+    name: str,
+    param_groups: list[dict],
+    lr: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    kwargs: dict | None = None,
+) -> torch.optim.Optimizer:
+    """Build the named optimizer over `param_groups` (dicts with "params", "lr", maybe "name").
+
+    `lr` is the default for groups without their own; `kwargs` are extra optimizer
+    arguments, checked against ALLOWED_KWARGS[name]. A schedule-free optimizer comes back
+    in train mode.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"learning rate {lr!r} must be > 0")
+    if not _non_negative_float(weight_decay):
+        raise ValueError(f"weight_decay {weight_decay!r} must be >= 0")
+    if len(betas) != 2 or not all(_unit_interval(b) for b in betas):
+        raise ValueError(f"betas {betas!r} must be two floats in [0, 1)")
+    for index, group in enumerate(param_groups):
+        if "params" not in group:
+            raise ValueError(f"parameter group {index} ({group.get('name', 'unnamed')}) has no 'params'")
+    # Lists, so the device check below does not consume a generator torch still has to read.
+    param_groups = [
+        {**group, "params": [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])}
+        for group in param_groups
+    ]
+    extra = _validated_kwargs(name, kwargs)
+    betas = (float(betas[0]), float(betas[1]))
+
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, **extra)
+    if name == "adamw_schedulefree":
+        optimizer = schedulefree.AdamWScheduleFree(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, **extra)
+        optimizer.train()
+        return optimizer
+
+    devices = _param_devices(param_groups)
+    if name == "adamw_fused":
+        unsupported = sorted(devices - set(_fused_devices()))
+        if unsupported:
+            raise ValueError(
+                f"optimizer 'adamw_fused': this torch has no fused AdamW kernel for device {unsupported}; "
+                "use 'adamw' (fused on CUDA, foreach elsewhere) or 'adamw_foreach'"
+            )
+        mode = {"fused": True}
+    elif name == "adamw_foreach" or devices != {"cuda"}:
+        mode = {"foreach": True}
+    else:
+        mode = {"fused": True}
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, **mode, **extra)
+
+
+def _unwrapped(optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper)."""
+    # AcceleratedOptimizer is itself a torch Optimizer subclass, so look for the inner one.
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def is_schedule_free(optimizer) -> bool:
+    return isinstance(_unwrapped(optimizer), schedulefree.AdamWScheduleFree)
+
+
+@contextmanager
+def eval_weights(optimizer) -> Iterator[None]:
+    """Parameters hold the schedule-free eval point x inside, and the mode from before after.
+
+    A no-op for every other optimizer.
+    """
+    inner = _unwrapped(optimizer)
+    if not is_schedule_free(inner):
+        yield
+        return
+    was_training = inner.param_groups[0]["train_mode"]
+    inner.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            inner.train()
+
+
+def train_mode(optimizer) -> None:
+    """Put a schedule-free optimizer in train mode (parameters hold y); no-op otherwise."""
+    inner = _unwrapped(optimizer)
+    if is_schedule_free(inner):
+        inner.train()

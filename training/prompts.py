@@ -1,0 +1,106 @@
+"""Sample prompts in the kohya / musubi-tuner line format, turned into preview specs.
+
+One prompt per line; `#` starts a comment line. Options follow the prompt text:
+
+    a magenta circle --n blurry --w 1024 --h 1024 --s 20 --l 4.0 --g 3.5 --fs 3.0 --d 42
+
+    --n  negative prompt        --w / --h  width / height in pixels
+    --s  sampling steps         --l        CFG scale (kohya's `scale`)
+    --g  distilled guidance     --fs       flow shift (musubi's discrete_flow_shift)
+    --d  seed
+
+An option missing from a line takes the caller's default; a line without --d gets
+seed `default seed + line index`, so previews stay comparable from one sample step to
+the next. Distilled guidance is kept for guidance-distilled models (Flux.1 dev); models
+without a guidance input ignore it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from .encoders import Encoders
+from .loop import PreviewSpec
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 20
+    cfg: float = 1.0
+    guidance: float | None = None
+    shift: float = 3.0
+    seed: int = 0
+
+
+# option -> (field, converter)
+OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "n": ("negative", str),
+    "w": ("width", int),
+    "h": ("height", int),
+    "s": ("steps", int),
+    "l": ("cfg", float),
+    "g": ("guidance", float),
+    "fs": ("shift", float),
+    "d": ("seed", int),
+}
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt, index: int = 0) -> SamplePrompt:
+    """One line -> SamplePrompt; an unknown option or a bad value names the option and the line."""
+    parts = re.split(r"\s--(?=[a-z]+\b)", " " + line.strip())
+    prompt = replace(defaults, prompt=parts[0].strip(), seed=defaults.seed + index)
+    for part in parts[1:]:
+        name, _, value = part.partition(" ")
+        if name not in OPTIONS:
+            raise ValueError(f"sample prompt {line!r}: unknown option --{name}; known: {', '.join('--' + o for o in OPTIONS)}")
+        field_name, convert = OPTIONS[name]
+        try:
+            prompt = replace(prompt, **{field_name: convert(value.strip())})
+        except ValueError as err:
+            raise ValueError(f"sample prompt {line!r}: --{name} needs a {convert.__name__}, got {value.strip()!r}") from err
+    if not prompt.prompt:
+        raise ValueError(f"sample prompt {line!r} has options but no prompt text")
+    if prompt.width < 16 or prompt.height < 16 or prompt.steps < 1:
+        raise ValueError(f"sample prompt {line!r}: width/height must be >= 16 and steps >= 1")
+    return prompt
+
+
+def parse_prompts(text: str, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
+    """All prompts of a prompt file's text; blank and `#` lines are skipped."""
+    defaults = defaults or SamplePrompt(prompt="")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [parse_prompt_line(line, defaults, i) for i, line in enumerate(lines)]
+
+
+def preview_specs(prompts: list[SamplePrompt], encoders: Encoders) -> list[PreviewSpec]:
+    """One PreviewSpec per prompt (sizes and seeds may differ from line to line)."""
+    specs = []
+    encode_text, downscale = encoders.encode_text, encoders.latent_downscale
+    multiple = downscale * 2  # the DiTs patchify latents 2x2
+    for p in prompts:
+        if p.width % multiple or p.height % multiple:
+            raise ValueError(f"sample prompt {p.prompt!r}: --w {p.width} / --h {p.height} must be multiples of {multiple}")
+        context, lens = encode_text([p.prompt])
+        neg_context, neg_lens = encode_text([p.negative]) if p.cfg != 1.0 else (None, None)
+        specs.append(
+            PreviewSpec(
+                context=context,
+                context_lens=lens,
+                latent_shape=(encoders.latent_channels, p.height // downscale, p.width // downscale),
+                decode=encoders.decode,
+                neg_context=neg_context,
+                neg_context_lens=neg_lens,
+                steps=p.steps,
+                cfg=p.cfg,
+                shift=p.shift,
+                seed=p.seed,
+                captions=[p.prompt],
+            )
+        )
+    return specs

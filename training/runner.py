@@ -1,0 +1,135 @@
+"""`dit-trainer train` / `resume`: a RunConfig in, a trained adapter out.
+
+The CLI holds no text encoder or VAE of a real model (the engine takes tensors; in
+ComfyUI the connected CLIP and VAE encode). So with a real checkpoint the dataset must
+already be in the on-disk caches that DatasetFromFolder wrote with the same settings
+(`[data] encoder_id` names them); with the embedded demo model the demo's own encoder
+and pixel VAE encode everything here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data.config import DataConfig
+from .data.folder_dataset import FolderDataset
+from .demo.dataset_folder import write_demo_dataset
+from .encoders import Encoders
+from .loop import PreviewSpec, TrainResult, train
+from .models.latent_formats import FLUX
+from .models.loader import load_dit
+from .network.comfy_format import save_adapter
+from .network.network import LoRANetwork
+from .plots import loss_curve, save_png
+from .progress import ProgressCallback
+from .prompts import SamplePrompt, parse_prompts, preview_specs
+from .run_config import DEMO, RunConfig
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    adapter_path: Path
+    ema_adapter_path: Path | None
+    loss_plot: Path
+    run_dir: Path
+    train: TrainResult
+
+
+def load_model(checkpoint: str, dtype: str, attention: str) -> torch.nn.Module:
+    from .demo.model import BASE_CHECKPOINT, missing_checkpoint_error
+
+    if dtype not in DTYPES:
+        raise ValueError(f"[model] dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    path = BASE_CHECKPOINT if checkpoint == DEMO else Path(checkpoint)
+    if checkpoint == DEMO and not path.is_file():
+        raise missing_checkpoint_error()
+    model = load_dit(path, dtype=DTYPES[dtype])
+    model.set_attention_backend(attention)
+    return model
+
+
+def cache_only_encoders(cfg: RunConfig) -> Encoders:
+    """Encoders for a real model in the CLI: everything must come from DatasetFromFolder's caches."""
+    if not cfg.data.encoder_id:
+        raise ValueError(
+            "[data] encoder_id is required with a real model: the CLI has no VAE / text encoder, so it trains "
+            "from the caches DatasetFromFolder wrote in ComfyUI (it prints the encoder id); "
+            'or use checkpoint = "embedded-demo"'
+        )
+
+    def missing(what: str):
+        def fail(*_):
+            raise ValueError(
+                f"{what} not found in the dataset cache for encoder_id {cfg.data.encoder_id!r}; run DatasetFromFolder "
+                "once in ComfyUI with the same folder and options (caption shuffle / dropout / wildcards need the "
+                "text encoder at every step, so train those in ComfyUI)"
+            )
+
+        return fail
+
+    if cfg.sample.prompts or cfg.sample.prompts_file:
+        raise ValueError("[sample] previews need the model's VAE and text encoder, which the CLI does not load; "
+                         "sample in ComfyUI, or leave [sample] empty")
+    return Encoders(missing("an image latent"), missing("a caption embedding"), missing("a decoder"),
+                    FLUX.downscale, FLUX.channels, cfg.data.encoder_id)
+
+
+def encoders_for(cfg: RunConfig) -> Encoders:
+    from .demo.encoders import demo_encoders
+
+    if cfg.model.checkpoint == DEMO:
+        return demo_encoders()
+    return cache_only_encoders(cfg)
+
+
+def build_previews(cfg: RunConfig, encoders: Encoders) -> list[PreviewSpec]:
+    s = cfg.sample
+    text = Path(s.prompts_file).read_text(encoding="utf-8") if s.prompts_file else s.prompts
+    defaults = SamplePrompt(prompt="", width=s.width, height=s.height, steps=s.steps, cfg=s.cfg, shift=s.shift, seed=s.seed)
+    prompts = parse_prompts(text, defaults)
+    return preview_specs(prompts, encoders) if prompts else []
+
+
+def dataset_for_run(cfg: RunConfig, encoders: Encoders) -> FolderDataset:
+    folder = cfg.data.folder
+    if folder == DEMO:
+        folder = write_demo_dataset(cfg.output.run_dir / "demo_dataset", seed=cfg.train.seed)
+    data = FolderDataset.from_folder(
+        folder, DataConfig(**cfg.data.options), encoders.encode_images, encoders.encode_text,
+        encoders.latent_downscale, encoders.encoder_id,
+    )
+    log.info("%s", data.summary())
+    return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
+
+
+def run_training(cfg: RunConfig, resume: bool = False, on_progress: ProgressCallback | None = None) -> RunResult:
+    model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
+    network = LoRANetwork(model, model.architecture, cfg.network.config).attach()
+    if cfg.network.continue_from and not resume:
+        from .network.importer import load_adapter_into
+
+        log.info("%s", load_adapter_into(network, cfg.network.continue_from))
+    encoders = encoders_for(cfg)
+    data = dataset_for_run(cfg, encoders)
+    previews = build_previews(cfg, encoders)
+
+    run_dir = cfg.output.run_dir
+    result = train(
+        model, network, data, cfg.train, on_progress, previews,
+        run_dir=run_dir, resume_from=run_dir if resume else None,
+    )
+    meta = {"ss_steps": str(result.steps_done), "dit_trainer_train": cfg.train.to_dict()}
+    adapter_path = save_adapter(network, run_dir / f"{cfg.output.name}.safetensors", model.base_hash, meta)
+    ema_path = None
+    if result.ema is not None:
+        with result.ema.applied(network):
+            ema_path = save_adapter(network, run_dir / f"{cfg.output.name}_ema.safetensors", model.base_hash, meta)
+    plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png")
+    return RunResult(adapter_path, ema_path, plot, run_dir, result)

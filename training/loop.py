@@ -178,6 +178,7 @@ def train(
     torch.manual_seed(cfg.seed)
     noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
     model.to(accelerator.device)
+    trainable.to(accelerator.device)  # adapters live outside the model's module tree
     model.gradient_checkpointing = cfg.gradient_checkpointing
     trainable.train()
 

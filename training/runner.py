@@ -23,7 +23,7 @@ from .loop import PreviewSpec, TrainResult, train
 from .models.latent_formats import FLUX
 from .models.loader import load_dit
 from .network.comfy_format import save_adapter
-from .network.network import LoRANetwork
+from .network.network import seeded_network
 from .plots import loss_curve, save_png
 from .progress import ProgressCallback
 from .prompts import SamplePrompt, parse_prompts, preview_specs
@@ -111,7 +111,7 @@ def dataset_for_run(cfg: RunConfig, encoders: Encoders) -> FolderDataset:
 
 def run_training(cfg: RunConfig, resume: bool = False, on_progress: ProgressCallback | None = None) -> RunResult:
     model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
-    network = LoRANetwork(model, model.architecture, cfg.network.config).attach()
+    network = seeded_network(model, model.architecture, cfg.network.config, cfg.train.seed).attach()
     if cfg.network.continue_from and not resume:
         from .network.importer import load_adapter_into
 

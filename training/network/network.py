@@ -272,3 +272,11 @@ class LoRANetwork(nn.Module):
             raise ValueError("copy_from: the two networks adapt different layers or options; build them with one config")
         for key, tensor in mine.items():
             tensor.copy_(theirs[key])
+
+
+def seeded_network(model: nn.Module, architecture: str, cfg: NetworkConfig, seed: int) -> LoRANetwork:
+    """A network whose random init depends on `seed` alone: the same run settings give the same
+    adapter, and the caller's global RNG stream is left where it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LoRANetwork(model, architecture, cfg)

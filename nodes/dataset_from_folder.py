@@ -1,0 +1,140 @@
+"""DatasetFromFolder: images + same-stem captions (+ masks/) encoded with the connected CLIP and VAE."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..training.data.config import MASK_MODES, DataConfig
+from ..training.data.folder_dataset import FolderDataset
+from ..training.demo.dataset_folder import write_demo_dataset
+from . import host
+from .comfy_io import dataset_encoders
+from .sockets import CATEGORY, DITT_DATASET, DITT_MODEL, TrainingSet
+
+DEMO_FOLDER = "[embedded demo] magenta shapes"
+DEMO_INPUT_SUBFOLDER = "dit_trainer_demo_magenta_shapes"  # written under ComfyUI's input directory
+_DEFAULTS = DataConfig()
+
+
+def folder_path(folder: str) -> Path:
+    """Where `folder` points: an absolute path, or a path under ComfyUI's input directory."""
+    path = Path(folder.strip()).expanduser()
+    return path if path.is_absolute() else host.input_dir() / path
+
+
+def resolve_folder(folder: str) -> Path:
+    """The dataset folder; the demo's is written on first use."""
+    if folder == DEMO_FOLDER:
+        return write_demo_dataset(host.input_dir() / DEMO_INPUT_SUBFOLDER)
+    path = folder_path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {path} does not exist; give an absolute path or one relative to ComfyUI's input "
+            f"directory ({host.input_dir()})"
+        )
+    return path
+
+
+def folder_state(folder: Path) -> str:
+    """Names, sizes and modification times of every file below `folder` (hidden caches excluded)."""
+    digest = hashlib.sha256(str(folder).encode())
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = os.path.join(dirpath, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class DatasetFromFolder:
+    DESCRIPTION = (
+        "Reads a training folder: images with same-stem .txt captions, optional masks/ subfolder (white = train "
+        "here) or alpha channel, 'N_name' subfolders repeated N times. Images are encoded with the connected VAE "
+        "and captions with the connected CLIP, cached on disk under the folder's .dit_cache/. With the embedded "
+        "demo model leave CLIP and VAE unconnected."
+    )
+    CATEGORY = f"{CATEGORY}/data"
+    RETURN_TYPES = (DITT_DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    OUTPUT_TOOLTIPS = (
+        "The encoded dataset (latents in memory, caption embeddings cached).",
+        "Images per bucket, masks, skipped files, cache use and the encoder id (the CLI's [data] encoder_id).",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = _DEFAULTS
+        return {
+            "required": {
+                "model": (DITT_MODEL, {"tooltip": "The base model the dataset is for (sets the latent format)."}),
+                "folder": ("STRING", {"default": DEMO_FOLDER,
+                                      "tooltip": f"Dataset folder: absolute, or relative to ComfyUI's input folder. "
+                                                 f"'{DEMO_FOLDER}' writes and uses the demo's magenta shapes."}),
+                "resolution": ("INT", {"default": d.resolution, "min": 16, "max": 8192, "step": 16,
+                                       "tooltip": "Training area is resolution² pixels per image (1024 for Z-Image)."}),
+                "enable_buckets": ("BOOLEAN", {"default": d.enable_buckets,
+                                               "tooltip": "Aspect-ratio buckets. Off: every image is centre-cropped "
+                                                          "to a resolution x resolution square."}),
+                "bucket_step": ("INT", {"default": d.bucket_step, "min": 4, "max": 512, "step": 4,
+                                        "tooltip": "Bucket sides are multiples of this; must be a multiple of "
+                                                   "VAE downscale x 2 (16 for Z-Image, 4 for the demo)."}),
+                "min_side": ("INT", {"default": d.min_side, "min": 4, "max": 8192, "step": 4,
+                                     "tooltip": "Smallest bucket side (buckets only)."}),
+                "max_side": ("INT", {"default": d.max_side, "min": 4, "max": 16384, "step": 4,
+                                     "tooltip": "Largest bucket side (buckets only)."}),
+                "no_upscale": ("BOOLEAN", {"default": d.no_upscale,
+                                           "tooltip": "Buckets follow each image's own size and images are never "
+                                                      "enlarged (needs buckets)."}),
+                "repeats": ("INT", {"default": d.repeats, "min": 1, "max": 10000,
+                                    "tooltip": "Times each image is seen per epoch ('N_name' subfolders multiply it)."}),
+                "caption_extension": ("STRING", {"default": d.caption_extension,
+                                                 "tooltip": "Caption files have the image's stem and this extension."}),
+                "default_caption": ("STRING", {"default": d.default_caption,
+                                               "tooltip": "Caption for images without a caption file (they are listed "
+                                                          "in the log)."}),
+                "shuffle_caption": ("BOOLEAN", {"default": d.shuffle_caption,
+                                                "tooltip": "Shuffle the separator-split pieces of each caption per draw "
+                                                           "(re-encodes new variants with the CLIP while training)."}),
+                "keep_tokens": ("INT", {"default": d.keep_tokens, "min": 0, "max": 255,
+                                        "tooltip": "With shuffle: the first N pieces stay in place."}),
+                "caption_separator": ("STRING", {"default": d.caption_separator,
+                                                 "tooltip": "Splits captions into pieces for shuffling."}),
+                "caption_dropout": ("FLOAT", {"default": d.caption_dropout, "min": 0.0, "max": 1.0, "step": 0.01,
+                                              "tooltip": "Probability that a draw trains on the empty caption."}),
+                "masks": (list(MASK_MODES), {"default": d.masks,
+                                             "tooltip": "auto: masks/<stem>.* if the folder has masks/, else a "
+                                                        "non-opaque alpha channel. folder / alpha: only that source. "
+                                                        "none: no masks. Masks weigh the loss via WeightedMask."}),
+                "cache_latents_to_disk": ("BOOLEAN", {"default": d.cache_latents_to_disk,
+                                                      "tooltip": "Keep latents and caption embeddings under "
+                                                                 "<folder>/.dit_cache, so the next run skips encoding."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The model's text encoder (not needed for the embedded demo)."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE (not needed for the embedded demo)."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str, **_):
+        # ComfyUI re-runs a node when this value changes: edits inside the folder count as new input.
+        path = folder_path(folder)
+        return folder_state(path) if folder != DEMO_FOLDER and path.is_dir() else folder
+
+    def load(self, model, folder: str, clip=None, vae=None, **options):
+        encoders = dataset_encoders(model, clip, vae, "DatasetFromFolder")
+        path = resolve_folder(folder)
+        cfg = DataConfig(**options)
+        data = FolderDataset.from_folder(
+            path, cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale, encoders.encoder_id
+        )
+        summary = f"{path}\n{data.summary()}\nencoder id: {encoders.encoder_id}"
+        fingerprint = hashlib.sha256(
+            json.dumps([str(path), folder_state(path), cfg.to_dict(), encoders.encoder_id]).encode()
+        ).hexdigest()[:16]
+        return (TrainingSet(data, encoders, fingerprint, summary), summary)

@@ -1,0 +1,80 @@
+"""LoadDiT: a base diffusion transformer from models/diffusion_models, or the embedded demo."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.attention import BACKENDS
+from ..training.demo.model import BASE_CHECKPOINT, missing_checkpoint_error
+from ..training.models.latent_formats import latent_format_for
+from ..training.models.loader import load_dit
+from . import host
+from .sockets import CATEGORY, DITT_MODEL, DitModel
+
+DEMO_CHECKPOINT = "[embedded demo] dit_trainer_demo"
+# fp8 storage is not supported by the engine yet, so it is not offered.
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LoadDiT:
+    DESCRIPTION = (
+        "Loads a diffusion transformer (Z-Image) from models/diffusion_models for training and sampling "
+        "with this pack, or the embedded demo model (a tiny Z-Image that runs on a CPU, no downloads)."
+    )
+    CATEGORY = f"{CATEGORY}/model"
+    RETURN_TYPES = (DITT_MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The frozen base model; adapters are attached only inside TrainLoRA / SampleWithLoRA.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (
+                    [DEMO_CHECKPOINT, *host.model_files("diffusion_models")],
+                    {"tooltip": "Safetensors file in models/diffusion_models (ComfyUI, official or diffusers "
+                                "layout), or the embedded demo model. Pickled .ckpt/.pt files are refused."},
+                ),
+                "weight_dtype": (
+                    list(WEIGHT_DTYPES),
+                    {"default": "bf16",
+                     "tooltip": "Storage dtype of the frozen base weights. bf16 halves memory against fp32; "
+                                "fp32 is exact and best on CPU. fp8 is not supported yet."},
+                ),
+                "attention": (
+                    list(BACKENDS),
+                    {"default": "auto",
+                     "tooltip": "auto picks FlashAttention-4 (Hopper/Blackwell), then flash-attn 2 (Ampere/Ada), "
+                                "then PyTorch SDPA. An explicit choice that cannot run raises with the reason."},
+                ),
+                "gradient_checkpointing": (
+                    "BOOLEAN",
+                    {"default": False,
+                     "tooltip": "Recompute block activations during backward: much less memory, about 30% slower."},
+                ),
+            }
+        }
+
+    def load(self, checkpoint: str, weight_dtype: str, attention: str, gradient_checkpointing: bool):
+        demo = checkpoint == DEMO_CHECKPOINT
+        if demo:
+            if not BASE_CHECKPOINT.is_file():
+                raise missing_checkpoint_error()
+            path = BASE_CHECKPOINT
+        else:
+            path = host.model_path("diffusion_models", checkpoint)
+        model = load_dit(path, dtype=WEIGHT_DTYPES[weight_dtype])
+        model.set_attention_backend(attention)
+        architecture = model.architecture
+        return (
+            DitModel(
+                model=model,
+                architecture=architecture,
+                name=checkpoint,
+                base_hash=model.base_hash,
+                latent_format=latent_format_for("demo" if demo else architecture),
+                demo=demo,
+                gradient_checkpointing=gradient_checkpointing,
+            ),
+        )

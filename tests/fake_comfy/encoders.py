@@ -1,0 +1,60 @@
+"""Stand-ins for ComfyUI's CLIP and VAE objects with the methods and attributes the nodes use.
+
+FakeCLIP: tokenize(text) -> tokens, encode_from_tokens(tokens, return_dict=True) ->
+{"cond": [1, L, D], "pooled_output", "attention_mask"}, `cond_stage_model` (a module).
+FakeVAE: encode(IMAGE [B, H, W, 3]) -> raw latents [B, 16, H/8, W/8] (8x8 means of the RGB
+channels, then a fixed channel mix and offset, so latents are not in model space),
+decode(latents) -> IMAGE, `first_stage_model`, `downscale_ratio`, `latent_channels`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FakeCLIP:
+    def __init__(self, dim: int = 32, pad_to: int = 6):
+        self.dim = dim
+        self.pad_to = pad_to  # ComfyUI's tokenizers pad; the attention mask marks the real tokens
+        self.cond_stage_model = nn.Linear(dim, dim)
+        self.calls = 0
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.lower().split()
+
+    def _vector(self, word: str) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode_from_tokens(self, tokens: list[str], return_dict: bool = False) -> dict:
+        self.calls += 1
+        states = torch.zeros(1, max(self.pad_to, len(tokens)), self.dim)
+        for i, word in enumerate(tokens):
+            states[0, i] = self._vector(word)
+        mask = torch.zeros(1, states.shape[1], dtype=torch.long)
+        mask[0, : max(1, len(tokens))] = 1
+        return {"cond": states, "pooled_output": states.mean(1), "attention_mask": mask}
+
+
+class FakeVAE:
+    downscale_ratio = 8
+    latent_channels = 16
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.mix = torch.randn(self.latent_channels, 3, generator=generator)  # latent channel <- RGB
+        self.offset = 0.5
+        self.first_stage_model = nn.Linear(3, self.latent_channels)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        rgb = F.avg_pool2d(pixels.permute(0, 3, 1, 2).float(), self.downscale_ratio)  # [B, 3, h, w]
+        return torch.einsum("cr,brhw->bchw", self.mix, rgb) + self.offset
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("rc,bchw->brhw", torch.linalg.pinv(self.mix), latents.float() - self.offset)
+        pixels = F.interpolate(rgb, scale_factor=self.downscale_ratio, mode="nearest")
+        return pixels.permute(0, 2, 3, 1).clamp(0, 1)

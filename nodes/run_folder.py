@@ -5,7 +5,7 @@
         checkpoints/step_NNNNNN/  resumable checkpoints (training/checkpoint.py)
         samples/                  preview images, loss.png
 
-The rule (also in docs/nodes.md): with `resume` on, a run whose fingerprint equals the
+The rule (also in the README's caching section): with `resume` on, a run whose fingerprint equals the
 current inputs continues from its newest checkpoint; a finished run then returns at
 once without training again. A run with another fingerprint (or `resume` off) is moved
 aside to `<name>.replaced-<time>/` and a fresh run starts: nothing is deleted, and

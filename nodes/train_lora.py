@@ -69,8 +69,8 @@ def train_config(widgets: dict, extra_options: str) -> TrainConfig:
             values[key] = {**values[key], **value} if nested else value
     try:
         return TrainConfig.from_dict(values)
-    except TypeError as err:  # an unknown key inside loss / timesteps
-        raise ValueError(f"TrainLoRA extra_options: {err}") from None
+    except ValueError as err:  # name the place the user can fix it
+        raise ValueError(f"TrainLoRA options (widgets and extra_options): {err}") from None
 
 
 def common_size(dataset: TrainingSet) -> tuple[int, int]:

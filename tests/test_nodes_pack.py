@@ -107,12 +107,14 @@ def test_only_host_module_imports_comfyui():
 
 def test_node_reference_documents_every_input(comfy_pack):
     sections = {}
-    for block in (ROOT / "docs" / "nodes.md").read_text(encoding="utf-8").split("\n## ")[1:]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    nodes_part = readme.split("\n## The nodes\n", 1)[1].split("\n## ", 1)[0]
+    for block in nodes_part.split("\n### ")[1:]:
         title, _, body = block.partition("\n")
         sections[title.strip()] = body
     for node_id, cls in comfy_pack.NODE_CLASS_MAPPINGS.items():
-        assert node_id in sections, f"docs/nodes.md has no '## {node_id}' section"
+        assert node_id in sections, f"README's nodes part has no '### {node_id}' section"
         inputs = cls.INPUT_TYPES()
         names = [*inputs.get("required", {}), *inputs.get("optional", {})]
         missing = [name for name in names if f"`{name}`" not in sections[node_id]]
-        assert not missing, f"docs/nodes.md {node_id}: inputs not documented: {missing}"
+        assert not missing, f"README {node_id}: inputs not documented: {missing}"

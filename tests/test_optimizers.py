@@ -37,18 +37,23 @@ def test_every_name_steps_and_keeps_group_lr_and_name(name):
     assert optimizer.param_groups[0]["name"] == "up"
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw_foreach"])
-def test_adamw_modes_match_torch_adamw(name):
-    ours, reference = params(), params()
-    optimizer = make_optimizer(name, [{"params": ours, "lr": 1e-2}], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), kwargs={"eps": 1e-6})
-    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, foreach=False)
+def assert_same_steps(optimizer, ours, torch_adamw, reference, rtol, atol):
+    """Three steps with the same gradients leave both optimizers' parameters equal."""
     for step in range(3):
         set_grads(ours, step)
         set_grads(reference, step)
         optimizer.step()
         torch_adamw.step()
     for a, b in zip(ours, reference):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw_foreach"])
+def test_adamw_modes_match_torch_adamw(name):
+    ours, reference = params(), params()
+    optimizer = make_optimizer(name, [{"params": ours, "lr": 1e-2}], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), kwargs={"eps": 1e-6})
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, foreach=False)
+    assert_same_steps(optimizer, ours, torch_adamw, reference, rtol=1e-6, atol=1e-7)
 
 
 def test_adamw_picks_foreach_off_cuda_and_fused_when_asked():
@@ -66,13 +71,7 @@ def test_adamw_picks_fused_on_cuda_and_matches_torch():
     optimizer = make_optimizer("adamw", [{"params": ours, "lr": 1e-2}], lr=1e-2)
     assert optimizer.param_groups[0]["fused"] is True
     torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.01, foreach=False)
-    for step in range(3):
-        set_grads(ours, step)
-        set_grads(reference, step)
-        optimizer.step()
-        torch_adamw.step()
-    for a, b in zip(ours, reference):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_steps(optimizer, ours, torch_adamw, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_on_a_device_without_the_kernel_is_a_clear_error():

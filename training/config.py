@@ -6,9 +6,10 @@ node fills them from its widgets, so both run the same loop with the same semant
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from .losses import LossConfig
+from .options import from_plain
 from .timesteps import TimestepConfig
 
 
@@ -68,9 +69,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from plain values (TOML / JSON); an unknown key is an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown train option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**values)
+        return from_plain(cls, values, "train")

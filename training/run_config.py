@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig
 from .network.network import NetworkConfig
+from .options import from_plain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,17 +93,6 @@ class RunConfig:
     output: OutputSection
 
 
-def _build(cls, values: dict, table: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"[{table}]: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"[{table}]: {err}") from err
-
-
 def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
     """Build a RunConfig from parsed TOML; relative paths are taken from `base_dir`."""
     unknown = sorted(set(values) - {"model", "network", "data", "train", "sample", "output"})
@@ -114,11 +104,11 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
     def resolve(path: str) -> str:
         return path if not path or path == DEMO or Path(path).is_absolute() else str(base_dir / path)
 
-    model = _build(ModelSection, dict(values.get("model", {})), "model")
+    model = from_plain(ModelSection, dict(values.get("model", {})), "model")
     model.checkpoint = resolve(model.checkpoint)
     network_values = dict(values.get("network", {}))
     continue_from = resolve(network_values.pop("continue_from", ""))
-    network = NetworkSection(_build(NetworkConfig, network_values, "network"), continue_from)
+    network = NetworkSection(from_plain(NetworkConfig, network_values, "network"), continue_from)
     data_values = dict(values["data"])
     data = DataSection(
         folder=resolve(data_values.pop("folder", DEMO)),
@@ -127,13 +117,10 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
         encoder_id=str(data_values.pop("encoder_id", "")),
         options=data_values,
     )
-    try:
-        train = TrainConfig.from_dict(dict(values.get("train", {})))
-    except TypeError as err:
-        raise ValueError(f"[train]: {err}") from err
-    sample = _build(SampleSection, dict(values.get("sample", {})), "sample")
+    train = TrainConfig.from_dict(dict(values.get("train", {})))
+    sample = from_plain(SampleSection, dict(values.get("sample", {})), "sample")
     sample.prompts_file = resolve(sample.prompts_file)
-    output = _build(OutputSection, dict(values.get("output", {})), "output")
+    output = from_plain(OutputSection, dict(values.get("output", {})), "output")
     output.dir = resolve(output.dir)
     return RunConfig(model, network, data, train, sample, output)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
+from ..options import from_plain
 from .conv_lora import LoRAConvModule
 from .lora import ALGOS, DORA_AXES, INITS, LoRAModule
 from .targets import Selection, module_kinds, select_modules, split_dims
@@ -71,11 +72,7 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "NetworkConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown network options {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_plain(cls, values, "network")
 
 
 @dataclass(frozen=True)

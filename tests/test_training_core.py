@@ -155,3 +155,30 @@ def test_stop_request_ends_after_the_current_step():
     steps_seen = []
     result = train(model, network, data, TrainConfig(steps=50, batch_size=2), on_progress=lambda e: steps_seen.append(e.step), should_stop=lambda: len(steps_seen) >= 3)
     assert result.steps_done == 3 and result.stopped_early
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients():
+    model, data = tiny_setup()
+    network = LoRANetwork(model.requires_grad_(False), "zimage", NetworkConfig(rank=2)).attach()
+    with torch.no_grad():
+        for adapter in network.adapters:
+            adapter.lora_B.normal_()  # non-zero B, so A gets a gradient too
+    calls = []
+    block_forward = model.layers[0].forward
+
+    def counted_forward(*args):
+        calls.append(1)
+        return block_forward(*args)
+
+    model.layers[0].forward = counted_forward
+    x, ctx, lens = data.latents[:2], data.context[:2], data.context_lens[:2]
+    grads = []
+    for enabled in (False, True):
+        model.gradient_checkpointing = enabled
+        network.zero_grad()
+        calls.clear()
+        model(x, torch.tensor([0.3, 0.7]), ctx, lens).square().mean().backward()
+        grads.append([p.grad.clone() for p in network.parameters()])
+        assert len(calls) == (2 if enabled else 1)  # the block ran again in backward
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)

@@ -63,7 +63,8 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, index: int = 0) -> Samp
         try:
             prompt = replace(prompt, **{field_name: convert(value.strip())})
         except ValueError as err:
-            raise ValueError(f"sample prompt {line!r}: --{name} needs a {convert.__name__}, got {value.strip()!r}") from err
+            kind = "an integer" if convert is int else "a number"
+            raise ValueError(f"sample prompt {line!r}: --{name} needs {kind}, got {value.strip()!r}") from err
     if not prompt.prompt:
         raise ValueError(f"sample prompt {line!r} has options but no prompt text")
     if prompt.width < 16 or prompt.height < 16 or prompt.steps < 1:

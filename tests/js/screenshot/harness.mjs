@@ -24,7 +24,8 @@ async function main() {
   // The ComfyUI server's /view route, mapped onto the copied preview files.
   const apiURL = (route) => {
     const params = new URLSearchParams(route.slice(route.indexOf("?") + 1));
-    return `${run}/images/${params.get("subfolder")}/${params.get("filename")}`;
+    const file = `${run}/images/${params.get("subfolder")}/${params.get("filename")}`;
+    return new URL(file, location.href).pathname; // page-relative, as the view requires
   };
   const view = createTrainView(document, { apiURL, cacheToken: "demo", onToggleLogScale() {} });
   document.getElementById("host").appendChild(view.element);

@@ -1,6 +1,6 @@
 """Helpers shared by the test_data_* files: tiny image folders and call-counting encoders.
 
-Holds no tests; named test_data_* so it travels with the data-pipeline tests.
+Holds no tests itself.
 """
 
 from __future__ import annotations

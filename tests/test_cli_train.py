@@ -10,6 +10,7 @@ from dit_trainer.training.cli import main
 from dit_trainer.training.network.comfy_format import read_safetensors
 from dit_trainer.training.posthoc_ema import merge_adapter_files
 from dit_trainer.training.run_config import load_run_config
+from dit_trainer.training.runner import run_training
 
 
 def write_config(tmp_path, steps: int, extra_train: str = "") -> str:
@@ -101,3 +102,60 @@ def test_readme_example_config_is_valid():
     cfg = parse_run_config(tomllib.loads(block))
     assert cfg.network.config.algo == "dora" and cfg.train.ema_decay == 0.99
     assert len(parse_prompts(cfg.sample.prompts)) == 2
+
+
+def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
+    """The CLI has no VAE / text encoder of a real model: it trains from DatasetFromFolder's caches."""
+    import torch.nn.functional as F
+    from data_helpers import write_image
+
+    from dit_trainer.training.data.config import DataConfig
+    from dit_trainer.training.data.folder_dataset import FolderDataset
+    from dit_trainer.training.demo.model import demo_text_encoder
+    from dit_trainer.training.models.loader import save_dit
+    from dit_trainer.training.models.zimage import ZImageConfig, ZImageDiT
+
+    torch.manual_seed(0)
+    model = ZImageDiT(ZImageConfig(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_dim=64,
+                                   cap_feat_dim=32, t_mid_dim=32, axes_dims=[4, 6, 6]))
+    save_dit(model, tmp_path / "base.safetensors")
+    folder = tmp_path / "data"
+    for i in range(3):
+        write_image(folder / f"{i}.png", 64, 64, seed=i)
+        (folder / f"{i}.txt").write_text(f"photo number {i}")
+
+    def vae_8x(images):  # a stand-in real VAE: 8x down, 16 channels
+        return F.avg_pool2d(images, 8).repeat(1, 6, 1, 1)[:, :16]
+
+    options = dict(resolution=64, bucket_step=16, min_side=64, max_side=64)
+    FolderDataset.from_folder(folder, DataConfig(**options), vae_8x, demo_text_encoder().encode, 8, "test-vae-8x")
+
+    config = tmp_path / "real.toml"
+    config.write_text(textwrap.dedent(f"""
+        [model]
+        checkpoint = "base.safetensors"
+        dtype = "fp32"
+        [network]
+        rank = 2
+        [data]
+        folder = "data"
+        encoder_id = "test-vae-8x"
+        resolution = 64
+        bucket_step = 16
+        min_side = 64
+        max_side = 64
+        [train]
+        steps = 2
+        batch_size = 3
+        [output]
+        dir = "runs"
+        name = "real"
+    """))
+    assert main(["train", str(config)]) == 0
+    tensors, meta = read_safetensors(tmp_path / "runs" / "real" / "real.safetensors")
+    assert meta["ss_steps"] == "2" and any(k.startswith("diffusion_model.layers.0.") for k in tensors)
+
+    write_image(folder / "3.png", 64, 64, seed=3)  # not in the cache: the CLI cannot encode it
+    (folder / "3.txt").write_text("photo number 3")
+    with pytest.raises(ValueError, match="not found in the dataset cache"):
+        run_training(load_run_config(config))

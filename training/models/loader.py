@@ -345,8 +345,7 @@ def load_dit(
 
     `metadata` adds hyper-parameter hints (e.g. `axes_dims`) over the file's own
     `__metadata__`. The model gets `source_metadata` (the merged metadata) and
-    `base_hash` (see `weights_hash`), which ties adapters to these base weights, and
-    `architecture` (the detected architecture's name).
+    `base_hash` (see `weights_hash`), which ties adapters to these base weights.
     A state-dict source's tensors may be shared with the model, not copied.
     """
     if dtype not in LOAD_DTYPES:
@@ -358,8 +357,7 @@ def load_dit(
         raw, file_metadata = _read_safetensors(Path(source))
     merged_metadata = {**file_metadata, **(metadata or {})}
 
-    arch_name = detect_architecture(raw)
-    arch = ARCHITECTURES[arch_name]
+    arch = ARCHITECTURES[detect_architecture(raw)]
     config = arch.infer_config(raw, merged_metadata)  # before conversion: split keys name the patch size
     state_dict = arch.to_comfy_layout(raw)
     with torch.device("meta"):  # no memory for weights about to be replaced
@@ -375,7 +373,6 @@ def load_dit(
     model.eval()
     model.source_metadata = merged_metadata
     model.base_hash = base_hash
-    model.architecture = arch_name  # the key of the adapter target tables (network.targets)
     return model
 
 

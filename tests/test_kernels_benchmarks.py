@@ -33,5 +33,8 @@ def test_benchmarks_quick_mode_runs(capsys, one_thread):
         "vs read-W0",
         "Attention",
         "fwd+bwd vs SDPA",
+        "Training step, Z-Image-shaped DiT",
+        "DoRA output axis (torch)",
+        "ms / step",
     ):
         assert expected in out

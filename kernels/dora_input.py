@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_utils import device_guard, dora_factor, dot_precision, is_interpreted, rank_block
+from .triton_utils import device_guard, dora_factor, dot_precision, rank_block, token_feature_blocks
 
 
 @triton.jit
@@ -112,16 +112,6 @@ def _input_bwd_kernel(
     tl.store(XS + rows * stride_xs + offs_k[None, :], (x * g).to(XS.dtype.element_ty), mask=mask_tk)
 
 
-def _blocks(rank_tile: int, interpreted: bool) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_K). The forward grid is one program per BLOCK_T tokens, so 32
-    keeps 4096-token batches at 128+ programs; the [BLOCK_K, BLOCK_R] tile of A stays
-    at 4096 values so large ranks fit in registers and shared memory. Untuned (no GPU
-    when written); the interpreter's cost grows with tile area: smallest legal tiles."""
-    if interpreted:
-        return 16, 16
-    return 32, max(16, min(64, 4096 // rank_tile))
-
-
 @torch.library.custom_op("dit_trainer::dora_linear_input", mutates_args=())
 def dora_linear_input(
     x: torch.Tensor,
@@ -150,7 +140,7 @@ def dora_linear_input(
     xs = torch.empty(n_tok, n_in, device=x.device, dtype=x.dtype)
     u = torch.empty(n_tok, rank, device=x.device, dtype=x.dtype)
     block_r = rank_block(rank)
-    block_t, block_k = _blocks(block_r, is_interpreted(_input_fwd_kernel))
+    block_t, block_k = token_feature_blocks(block_r, _input_fwd_kernel)
     with device_guard(x):
         _input_fwd_kernel[(triton.cdiv(n_tok, block_t),)](
             x2,
@@ -207,7 +197,7 @@ def dora_linear_input_backward(
     gxs = torch.mm(gy, weight).addmm_(grad_u, lora_A)
     dx = torch.empty_like(gxs)
     # Elementwise: no rank tile, so the widest block.
-    block_t, block_k = _blocks(16, is_interpreted(_input_bwd_kernel))
+    block_t, block_k = token_feature_blocks(16, _input_bwd_kernel)
     n_slabs = triton.cdiv(n_tok, block_t)
     dg_part = torch.empty(n_slabs, n_in, device=x.device, dtype=torch.float32)
     # xs overwrites gxs in place: gxs is dead once dx and dg are formed from it.

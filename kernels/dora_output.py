@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_utils import device_guard, dora_factor, dot_precision, is_interpreted, rank_block
+from .triton_utils import device_guard, dora_factor, dot_precision, rank_block, token_feature_blocks
 
 
 @triton.jit
@@ -146,16 +146,6 @@ def _output_bwd_kernel(
     )
 
 
-def _blocks(rank_tile: int, interpreted: bool) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_N). The backward grid is one program per BLOCK_T tokens, so 32
-    keeps 4096-token batches at 128+ programs; the [BLOCK_N, BLOCK_R] tile of B stays
-    at 4096 values so large ranks fit in registers and shared memory. Untuned (no GPU
-    when written); the interpreter's cost grows with tile area: smallest legal tiles."""
-    if interpreted:
-        return 16, 16
-    return 32, max(16, min(64, 4096 // rank_tile))
-
-
 @torch.library.custom_op("dit_trainer::dora_linear_output", mutates_args=())
 def dora_linear_output(
     x: torch.Tensor,
@@ -187,7 +177,7 @@ def dora_linear_output(
     z = base
     n_tok = base.shape[0]
     block_r = rank_block(rank)
-    block_t, block_n = _blocks(block_r, is_interpreted(_output_fwd_kernel))
+    block_t, block_n = token_feature_blocks(block_r, _output_fwd_kernel)
     with device_guard(x):
         _output_fwd_kernel[(triton.cdiv(n_tok, block_t), triton.cdiv(n_out, block_n))](
             base,
@@ -247,7 +237,7 @@ def dora_linear_output_backward(
     n_tok = gy.shape[0]
     k = dora_factor(magnitude, norm, eps, x.dtype)
     block_r = rank_block(rank)
-    block_t, block_n = _blocks(block_r, is_interpreted(_output_bwd_kernel))
+    block_t, block_n = token_feature_blocks(block_r, _output_bwd_kernel)
     n_slabs = triton.cdiv(n_tok, block_t)
     gz = torch.empty_like(z2)
     du = torch.empty_like(u2)

@@ -30,6 +30,19 @@ def rank_block(rank: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(rank))
 
 
+def token_feature_blocks(rank_tile: int, kernel: object) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_F) for the compose kernels: tokens x one feature axis (in or out).
+
+    The grid is one program per BLOCK_T tokens, so 32 keeps 4096-token batches at 128+
+    programs; the [BLOCK_F, BLOCK_R] tile of A or B stays at 4096 values so large ranks fit
+    in registers and shared memory. Untuned (no GPU when written); the interpreter's cost
+    grows with tile area, so it gets the smallest legal tiles.
+    """
+    if is_interpreted(kernel):
+        return MIN_DOT, MIN_DOT
+    return 32, max(MIN_DOT, min(64, 4096 // rank_tile))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for operands that came from tensors of `dtype`.
 

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from .order import seeded_generator
+
 
 @dataclass
 class LatentBatch:
@@ -48,7 +50,7 @@ class LatentDataset:
         per_epoch = max(1, len(self) // batch_size)
         epoch, offset = divmod(start, per_epoch)
         while True:
-            order = torch.randperm(len(self), generator=epoch_generator(seed, epoch))
+            order = torch.randperm(len(self), generator=seeded_generator(seed, "epoch", epoch))
             for i in range(offset, per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 yield LatentBatch(
@@ -58,8 +60,3 @@ class LatentDataset:
                     None if self.weights is None else self.weights[idx],
                 )
             epoch, offset = epoch + 1, 0
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator for one epoch's shuffle, independent of every other epoch's."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)

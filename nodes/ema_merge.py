@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.checkpoint import ADAPTER_FILE, EMA_ADAPTER_FILE, list_checkpoints
+from ..training.checkpoint import ADAPTER_FILE, EMA_ADAPTER_FILE, checkpoint_adapters
 from ..training.network.comfy_format import atomic_save_safetensors
 from ..training.posthoc_ema import MODES, merge_adapter_files
 from . import host
@@ -24,9 +24,9 @@ def run_dir_for(lora: TrainedLora | None, run_name: str) -> Path:
 
 
 def checkpoint_files(run_dir: Path, use_ema_files: bool) -> list[Path]:
-    name = EMA_ADAPTER_FILE if use_ema_files else ADAPTER_FILE
-    files = [c / name for c in list_checkpoints(run_dir) if (c / name).is_file()]
+    files = checkpoint_adapters(run_dir, ema=use_ema_files)
     if len(files) < 2:
+        name = EMA_ADAPTER_FILE if use_ema_files else ADAPTER_FILE
         raise ValueError(
             f"EMAMerge: {run_dir} has {len(files)} checkpoint(s) with {name}; post-hoc EMA needs at least 2 "
             "(lower TrainLoRA's save_every" + (", or turn use_ema_files off)" if use_ema_files else ")")
@@ -84,8 +84,7 @@ class EMAMerge:
         if not run_name.strip():
             return ""
         run_dir = host.pack_output_dir() / host.safe_name(run_name, "EMAMerge run_name")
-        name = EMA_ADAPTER_FILE if use_ema_files else ADAPTER_FILE
-        return str([file_identity(c / name) for c in list_checkpoints(run_dir) if (c / name).is_file()])
+        return str([file_identity(f) for f in checkpoint_adapters(run_dir, ema=use_ema_files)])
 
     def merge(self, mode: str, beta: float, beta2: float, sigma_rel: float, t_from_steps: bool, use_ema_files: bool,
               suffix: str, lora: TrainedLora | None = None, run_name: str = ""):

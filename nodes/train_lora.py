@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 from ..training.config import TrainConfig
-from ..training.loop import PreviewSpec, train
+from ..training.loop import PreviewSpec, save_trained_adapter, train
 from ..training.losses import HUBER_SCHEDULES, LOSSES
-from ..training.network.comfy_format import load_adapter_into, save_adapter
+from ..training.network.comfy_format import load_adapter_into
 from ..training.network.network import seeded_network
 from ..training.optimizers import OPTIMIZERS
 from ..training.plots import loss_curve, save_png
@@ -242,11 +242,8 @@ class TrainLoRA:
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)
-            meta = {**metadata, "ss_steps": str(result.steps_done), "dit_trainer_train": cfg.to_dict()}
-            path = save_adapter(lora, host.model_folder("loras") / f"{run_name}.safetensors", model.base_hash, meta)
-            if result.ema is not None:
-                with result.ema.applied(lora):
-                    save_adapter(lora, host.model_folder("loras") / f"{run_name}_ema.safetensors", model.base_hash, meta)
+            path, _ = save_trained_adapter(lora, host.model_folder("loras") / f"{run_name}.safetensors", result, cfg,
+                                           model.base_hash, metadata)
         finally:
             lora.detach_from_model()
 

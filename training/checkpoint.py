@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
-EMA_ADAPTER_FILE = "adapter_ema.safetensors"
+EMA_ADAPTER_FILE = "adapter_ema.safetensors"  # ema_twin(ADAPTER_FILE)
 STEP_DIR = re.compile(r"step_(\d+)")
 FORMAT_VERSION = "1"
 
@@ -159,6 +159,18 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_adapters(run_dir: str | os.PathLike, ema: bool = False) -> list[Path]:
+    """The adapter file (or the online-EMA one) of every checkpoint of a run, oldest first."""
+    name = EMA_ADAPTER_FILE if ema else ADAPTER_FILE
+    return [c / name for c in list_checkpoints(run_dir) if (c / name).is_file()]
+
+
+def ema_twin(path: str | os.PathLike) -> Path:
+    """Where the EMA weights are saved beside an adapter file: <stem>_ema.safetensors."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_ema{path.suffix}")
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:

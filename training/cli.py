@@ -57,14 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ema_merge(args: argparse.Namespace) -> int:
-    from .checkpoint import ADAPTER_FILE, list_checkpoints
+    from .checkpoint import checkpoint_adapters
     from .network.comfy_format import atomic_save_safetensors
     from .posthoc_ema import merge_adapter_files
 
     files = []
     for given in args.files:
         path = Path(given)
-        files += [c / ADAPTER_FILE for c in list_checkpoints(path)] if path.is_dir() else [path]
+        files += checkpoint_adapters(path) if path.is_dir() else [path]
     if len(files) < 2:
         raise SystemExit("ema-merge needs at least two adapter files (or a run folder with two or more checkpoints)")
     tensors, metadata = merge_adapter_files(files, args.mode, args.beta, args.beta2, args.sigma_rel)

@@ -27,9 +27,9 @@ from PIL import Image
 
 from .checkpoint import (
     ADAPTER_FILE,
-    EMA_ADAPTER_FILE,
     TrainState,
     checkpoint_dir,
+    ema_twin,
     load_state,
     prune_states,
     resolve_resume,
@@ -41,6 +41,8 @@ from .config import TrainConfig
 from .data.latents import LatentBatch
 from .ema import AdapterEMA
 from .losses import flow_loss
+from .network.comfy_format import save_adapter
+from .network.network import LoRANetwork
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
 from .progress import ProgressCallback, ProgressEvent
 from .sampler import sample_euler
@@ -104,6 +106,27 @@ def render_previews(model: nn.Module, spec: PreviewSpec) -> list[Image.Image]:
         shift=spec.shift,
     )
     return spec.decode(latents.float().cpu())
+
+
+def save_trained_adapter(
+    network: LoRANetwork,
+    path: str | Path,
+    result: TrainResult,
+    cfg: TrainConfig,
+    base_hash: str = "",
+    extra_metadata: dict | None = None,
+) -> tuple[Path, Path | None]:
+    """Save the adapter at `path` and, with EMA, the EMA weights at `ema_twin(path)`.
+
+    The metadata records the steps done and the train options. Returns both paths
+    (the second None without EMA).
+    """
+    meta = {"ss_steps": str(result.steps_done), "dit_trainer_train": cfg.to_dict(), **(extra_metadata or {})}
+    saved = save_adapter(network, path, base_hash, meta)
+    if result.ema is None:
+        return saved, None
+    with result.ema.applied(network):
+        return saved, save_adapter(network, ema_twin(path), base_hash, meta)
 
 
 def _as_list(previews: PreviewSpec | list[PreviewSpec] | None) -> list[PreviewSpec]:
@@ -225,19 +248,11 @@ def train(
 
     def export_adapters(folder: Path) -> dict[str, Path]:
         """Adapter files at this step: eval weights (schedule-free) and, with EMA, the EMA weights."""
-        from .network.comfy_format import save_adapter
-        from .network.network import LoRANetwork
-
         if not isinstance(trainable, LoRANetwork):
             return {}
-        meta = {"ss_steps": str(result.steps_done), "dit_trainer_train": cfg.to_dict(), **(adapter_metadata or {})}
-        files = {}
         with _eval_view(raw_optimizer, params):
-            files[ADAPTER_FILE] = save_adapter(trainable, folder / ADAPTER_FILE, base_hash, meta)
-            if ema is not None:
-                with ema.applied(trainable):
-                    files[EMA_ADAPTER_FILE] = save_adapter(trainable, folder / EMA_ADAPTER_FILE, base_hash, meta)
-        return files
+            saved = save_trained_adapter(trainable, folder / ADAPTER_FILE, result, cfg, base_hash, adapter_metadata)
+        return {p.name: p for p in saved if p is not None}
 
     def save_checkpoint(rng: dict[str, torch.Tensor], micro: int) -> None:
         if run_dir is None:
@@ -348,7 +363,8 @@ def train(
                 break
     except BaseException:
         # Interrupts (ComfyUI's raise from a progress update) and errors: keep the work done so far.
-        if step_start is not None and (not result.checkpoints or result.checkpoints[-1].name != f"step_{result.steps_done:06d}"):
+        written = run_dir is not None and checkpoint_dir(run_dir, result.steps_done) in result.checkpoints
+        if step_start is not None and not written:
             log.warning("run ended by an exception at step %d; writing a resumable checkpoint first", result.steps_done)
             save_checkpoint(*step_start)
         raise

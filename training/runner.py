@@ -19,10 +19,9 @@ from .data.config import DataConfig
 from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import write_demo_dataset
 from .encoders import Encoders
-from .loop import PreviewSpec, TrainResult, train
+from .loop import PreviewSpec, TrainResult, save_trained_adapter, train
 from .models.latent_formats import FLUX
 from .models.loader import load_dit
-from .network.comfy_format import save_adapter
 from .network.network import seeded_network
 from .plots import loss_curve, save_png
 from .progress import ProgressCallback
@@ -125,11 +124,8 @@ def run_training(cfg: RunConfig, resume: bool = False, on_progress: ProgressCall
         model, network, data, cfg.train, on_progress, previews,
         run_dir=run_dir, resume_from=run_dir if resume else None,
     )
-    meta = {"ss_steps": str(result.steps_done), "dit_trainer_train": cfg.train.to_dict()}
-    adapter_path = save_adapter(network, run_dir / f"{cfg.output.name}.safetensors", model.base_hash, meta)
-    ema_path = None
-    if result.ema is not None:
-        with result.ema.applied(network):
-            ema_path = save_adapter(network, run_dir / f"{cfg.output.name}_ema.safetensors", model.base_hash, meta)
+    adapter_path, ema_path = save_trained_adapter(
+        network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash
+    )
     plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png")
     return RunResult(adapter_path, ema_path, plot, run_dir, result)

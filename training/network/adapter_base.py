@@ -13,6 +13,7 @@ Dropouts follow kohya sd-scripts (`networks/lora.py`), train mode only:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ def check_probability(name: str, option: str, value: float) -> None:
         raise ValueError(f"{name}: {option}={value} must be in [0, 1)")
 
 
-class AdapterModule(nn.Module):
+class AdapterModule(nn.Module, ABC):
     """Base of the Linear and Conv adapters. Subclasses define `forward` and `export_factors`."""
 
     def __init__(
@@ -74,9 +75,9 @@ class AdapterModule(nn.Module):
         """Rank of the factors in exported files (ComfyUI's alpha / rank uses it)."""
         return self.export_factors()[0].shape[0]
 
+    @abstractmethod
     def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up), detached fp32, with scale * up @ down the weight change at multiplier 1."""
-        raise NotImplementedError
 
     def skips_this_forward(self) -> bool:
         """Module dropout: skip the whole adapter with probability module_dropout (train mode)."""

@@ -6,14 +6,13 @@
 
 Graphs are declared with node, socket and widget *names*. widgets_values are laid out in
 the frontend's order from the node definitions (the pack's own INPUT_TYPES and ComfyUI's
-core object_info, through validate_workflow.widget_specs), so the files follow the nodes;
+core node definitions, through workflow_format.widget_specs), so the files follow the nodes;
 test_workflows.py checks that the files on disk equal what this builds.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from PIL import Image, ImageDraw, ImageFont
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 OUT = ROOT / "example_workflows"
-VALIDATOR = ROOT.parent / "shared" / "comfyui" / "tools" / "validate_workflow.py"
 PACK_ID, PACK_VERSION = "comfyui-dit-trainer", "0.1.0"
 CORE_ID, CORE_VERSION = "comfy-core", "0.3.64"
 FRONTEND_VERSION = "1.27.10"
@@ -40,17 +38,8 @@ OPTIONAL_SHAPE = 7  # LiteGraph's hollow circle, which the frontend uses for opt
 
 sys.path.insert(0, str(TESTS))
 import fake_comfy  # noqa: E402
-from object_info import core_object_info, pack_object_info  # noqa: E402
-
-
-def load_validator():
-    spec = importlib.util.spec_from_file_location("validate_workflow", VALIDATOR)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-validate_workflow = load_validator()
+import workflow_format  # noqa: E402
+from object_info import pack_object_info  # noqa: E402
 
 
 # --- declaring graphs -------------------------------------------------------------
@@ -81,32 +70,32 @@ def object_info() -> dict:
         host = fake_comfy.install(Path(tmp))
         try:
             pack = fake_comfy.import_pack()
-            info = {**core_object_info(), **pack_object_info(pack, PACK_ID)}
+            info = {**workflow_format.core_node_info(), **pack_object_info(pack, PACK_ID)}
         finally:
             fake_comfy.unload_pack()
             fake_comfy.uninstall(host)
     return info
 
 
-def _default(spec: dict, node: Node) -> Any:
-    if spec["kind"] == "control":
+def _default(spec: workflow_format.WidgetSpec, node: Node) -> Any:
+    if spec.kind == "control":
         return "fixed"  # reproducible examples
-    if spec["kind"] == "filter":
+    if spec.kind == "filter":
         return ""
-    if spec["kind"] == "upload":
+    if spec.kind == "upload":
         return "image"
-    if spec["name"] in node.widgets:
-        return node.widgets[spec["name"]]
-    if "default" in spec["opts"]:
-        return spec["opts"]["default"]
-    if spec["choices"]:
-        return spec["choices"][0]
-    raise ValueError(f"{node.key} ({node.type}): widget {spec['name']!r} has no default; give a value")
+    if spec.name in node.widgets:
+        return node.widgets[spec.name]
+    if "default" in spec.options:
+        return spec.options["default"]
+    if spec.choices:
+        return spec.choices[0]
+    raise ValueError(f"{node.key} ({node.type}): widget {spec.name!r} has no default; give a value")
 
 
 def _socket_inputs(definition: dict) -> list[tuple[str, str, bool]]:
     """(name, type, optional) of the inputs that are sockets (not widgets), in the frontend's order."""
-    widget_names = {w["input"] for w in validate_workflow.widget_specs(definition) if w["input"]}
+    widget_names = {w.input for w in workflow_format.widget_specs(definition) if w.input}
     order = definition.get("input_order", {})
     sockets = []
     for section in ("required", "optional"):
@@ -118,10 +107,10 @@ def _socket_inputs(definition: dict) -> list[tuple[str, str, bool]]:
     return sockets
 
 
-def _height(n_inputs: int, n_outputs: int, specs: list[dict]) -> int:
+def _height(n_inputs: int, n_outputs: int, specs: list[workflow_format.WidgetSpec]) -> int:
     height = max(n_inputs, n_outputs, 1) * SLOT_HEIGHT + 12
     for w in specs:
-        multiline = w["type"] == "STRING" and w["opts"].get("multiline")
+        multiline = w.type == "STRING" and w.options.get("multiline")
         height += MULTILINE_HEIGHT if multiline else WIDGET_HEIGHT
     return height
 
@@ -132,8 +121,8 @@ def build(graph: Graph, info: dict) -> dict:
     inputs, outputs, widgets, sizes = {}, {}, {}, {}
     for node in graph.nodes:
         definition = info[node.type]
-        specs = validate_workflow.widget_specs(definition)
-        unknown = set(node.widgets) - {w["name"] for w in specs}
+        specs = workflow_format.widget_specs(definition)
+        unknown = set(node.widgets) - {w.name for w in specs}
         if unknown:
             raise ValueError(f"{node.key} ({node.type}): no widgets named {sorted(unknown)}")
         widgets[node.key] = [_default(w, node) for w in specs]
@@ -469,7 +458,7 @@ def demo_thumbnail(graph: Graph, workflow: dict, info: dict) -> Image.Image:
     with tempfile.TemporaryDirectory() as tmp:
         host = fake_comfy.install(Path(tmp))
         try:
-            run = execute(validate_workflow.ui_to_api(workflow, info), fake_comfy.import_pack().NODE_CLASS_MAPPINGS)
+            run = execute(workflow_format.ui_to_api(workflow, info), fake_comfy.import_pack().NODE_CLASS_MAPPINGS)
         finally:
             fake_comfy.unload_pack()
             fake_comfy.uninstall(host)

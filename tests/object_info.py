@@ -9,9 +9,6 @@ ComfyUI would serve them. `python_module` is what ComfyUI sets for a pack folder
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-CORE_OBJECT_INFO = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "object_info_core.json"
 
 
 def node_info(name: str, cls: type, display_name: str, folder: str) -> dict:
@@ -41,7 +38,3 @@ def pack_object_info(pack, folder: str) -> dict:
         name: node_info(name, cls, pack.NODE_DISPLAY_NAME_MAPPINGS.get(name, name), folder)
         for name, cls in pack.NODE_CLASS_MAPPINGS.items()
     }
-
-
-def core_object_info() -> dict:
-    return json.loads(CORE_OBJECT_INFO.read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import build_example_workflows as builder
+import workflow_format
 from comfy_merge import comfy_merge
 from dit_trainer.training.demo.model import BASE_CHECKPOINT
 from dit_trainer.training.models.loader import load_dit
@@ -35,7 +36,7 @@ PROGRESS_KEYS = {"node", "step", "total", "loss", "lr", "eta_s", "elapsed_s"}
 @pytest.fixture(scope="module")
 def demo_prompt() -> dict:
     workflow = json.loads((builder.OUT / "demo_embedded_dora.json").read_text(encoding="utf-8"))
-    prompt = builder.validate_workflow.ui_to_api(workflow, builder.object_info())
+    prompt = workflow_format.ui_to_api(workflow, builder.object_info())
     for node in prompt.values():
         node["inputs"].update(SMALL.get(node["class_type"], {}))
     return prompt

@@ -21,6 +21,7 @@ from ..training.demo.encoders import demo_encoders
 from ..training.demo.model import demo_text_encoder
 from ..training.demo.pixel_vae import PixelVAE
 from ..training.encoders import Encoders, ImageEncoder, LatentDecoder, TextEncoder
+from .inference_mode import comfy_call, normal
 from .sockets import DitModel
 
 
@@ -63,7 +64,7 @@ def _pad_states(states: list[torch.Tensor], lengths: list[int]) -> tuple[torch.T
 
 def _trim(states: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """[1, L, D] encoder output -> ([L, D] float32 CPU, valid tokens), honouring an attention mask."""
-    states = states[0].detach().float().cpu()
+    states = normal(states[0].detach().float().cpu())
     mask = extra.get("attention_mask")
     length = int(mask.sum()) if mask is not None else states.shape[0]
     return states[:length], max(length, 1)
@@ -75,7 +76,7 @@ def clip_text_encoder(clip: Any) -> TextEncoder:
     def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states, lengths = [], []
         for prompt in prompts:
-            out = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
+            out = comfy_call(clip.encode_from_tokens, clip.tokenize(prompt), return_dict=True)
             trimmed, length = _trim(out["cond"], out)
             states.append(trimmed)
             lengths.append(length)
@@ -100,7 +101,7 @@ def vae_image_encoder(vae: Any, dit: DitModel) -> ImageEncoder:
     """Images [B, 3, H, W] in [0, 1] -> model-space latents, through ComfyUI's VAE."""
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        raw = vae.encode(images.permute(0, 2, 3, 1))  # ComfyUI's VAE takes IMAGE layout
+        raw = comfy_call(vae.encode, images.permute(0, 2, 3, 1))  # ComfyUI's VAE takes IMAGE layout
         return dit.latent_format.to_model(raw.float().cpu())
 
     return encode
@@ -108,7 +109,7 @@ def vae_image_encoder(vae: Any, dit: DitModel) -> ImageEncoder:
 
 def vae_latent_decoder(vae: Any, dit: DitModel) -> LatentDecoder:
     def decode(latents: torch.Tensor) -> list[Image.Image]:
-        return image_to_pil(vae.decode(dit.latent_format.to_vae(latents.float())))
+        return image_to_pil(comfy_call(vae.decode, dit.latent_format.to_vae(latents.float())))
 
     return decode
 
@@ -179,4 +180,4 @@ def image_decoder_for(dit: DitModel, vae: Any | None, node: str) -> Callable[[to
         return lambda latents: PixelVAE().decode(latents.float().cpu()).permute(0, 2, 3, 1)
     if vae is None:
         return None
-    return lambda latents: vae.decode(dit.latent_format.to_vae(latents.float())).float().cpu()
+    return lambda latents: comfy_call(vae.decode, dit.latent_format.to_vae(latents.float())).float().cpu()

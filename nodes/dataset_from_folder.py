@@ -12,6 +12,7 @@ from ..training.data.folder_dataset import FolderDataset
 from ..training.demo.dataset_folder import write_demo_dataset
 from . import host
 from .comfy_io import dataset_encoders
+from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_DATASET, DITT_MODEL, TrainingSet
 
 DEMO_FOLDER = "[embedded demo] magenta shapes"
@@ -126,6 +127,7 @@ class DatasetFromFolder:
         path = folder_path(folder)
         return folder_state(path) if folder != DEMO_FOLDER and path.is_dir() else folder
 
+    @outside_inference_mode  # latents and caption states are trained on later
     def load(self, model, folder: str, clip=None, vae=None, **options):
         encoders = dataset_encoders(model, clip, vae, "DatasetFromFolder")
         path = resolve_folder(folder)

@@ -9,6 +9,7 @@ from ..training.demo.model import BASE_CHECKPOINT, missing_checkpoint_error
 from ..training.models.latent_formats import latent_format_for
 from ..training.models.loader import load_dit
 from . import host
+from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_MODEL, DitModel
 
 DEMO_CHECKPOINT = "[embedded demo] dit_trainer_demo"
@@ -56,6 +57,7 @@ class LoadDiT:
             }
         }
 
+    @outside_inference_mode  # the weights are trained against later: they must not be inference tensors
     def load(self, checkpoint: str, weight_dtype: str, attention: str, gradient_checkpointing: bool):
         demo = checkpoint == DEMO_CHECKPOINT
         if demo:

@@ -24,6 +24,7 @@ from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
 from . import host
 from .comfy_io import conditioning_context, pil_to_image, tile, vae_latent_decoder
+from .inference_mode import outside_inference_mode
 from .run_folder import prepare_run, run_fingerprint
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
@@ -194,6 +195,7 @@ class TrainLoRA:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @outside_inference_mode  # training needs autograd
     def run(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, name: str, sample_prompts: str,
             resume: bool, extra_options: str = "", sample_conditioning=None, vae=None, unique_id=None, **widgets):
         run_name = host.safe_name(name, "TrainLoRA name")

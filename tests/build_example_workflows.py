@@ -458,7 +458,7 @@ def demo_thumbnail(graph: Graph, workflow: dict, info: dict) -> Image.Image:
     with tempfile.TemporaryDirectory() as tmp:
         host = fake_comfy.install(Path(tmp))
         try:
-            run = execute(workflow_format.ui_to_api(workflow, info), fake_comfy.import_pack().NODE_CLASS_MAPPINGS)
+            run = execute(workflow_format.ui_to_api(workflow, info), host, fake_comfy.import_pack().NODE_CLASS_MAPPINGS)
         finally:
             fake_comfy.unload_pack()
             fake_comfy.uninstall(host)

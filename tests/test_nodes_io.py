@@ -13,6 +13,7 @@ from dit_trainer.training.models.latent_formats import FLUX, latent_format_for
 from dit_trainer.training.models.loader import save_dit
 from dit_trainer.training.models.zimage import ZImageConfig, ZImageDiT
 from fake_comfy import comfy_host, comfy_pack  # noqa: F401  (fixtures)
+from fake_comfy.executor import call_node
 from fake_comfy.encoders import FakeCLIP, FakeVAE
 
 DATA_OPTIONS = dict(resolution=32, enable_buckets=False, bucket_step=16, min_side=16, max_side=64, no_upscale=False,
@@ -37,7 +38,7 @@ def tiny_model(comfy_host, comfy_pack):
     cfg = ZImageConfig(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_dim=64, cap_feat_dim=32,
                        t_mid_dim=64, axes_dims=[4, 6, 6])
     save_dit(ZImageDiT(cfg), comfy_host.folder("diffusion_models") / "tiny.safetensors")
-    (dit,) = comfy_pack.NODE_CLASS_MAPPINGS["LoadDiT"]().load("tiny.safetensors", "fp32", "sdpa", False)
+    (dit,) = call_node(comfy_pack.NODE_CLASS_MAPPINGS["LoadDiT"], "tiny.safetensors", "fp32", "sdpa", False)
     assert not dit.demo and asdict(dit.latent_format) == asdict(FLUX)  # the pack is its own module tree
     return dit
 
@@ -58,16 +59,18 @@ def test_dataset_encodes_images_with_the_vae_into_model_space_and_captions_with_
                                                                                          tiny_model):
     images = write_images(comfy_host.root / "input" / "subject")
     clip, vae = FakeCLIP(), FakeVAE()
-    dataset, summary = comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"]().load(
+    dataset, summary = call_node(comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"],
         tiny_model, "subject", clip=clip, vae=vae, **DATA_OPTIONS)
     assert "encoder id: comfyui:zimage:" in summary
     batch = next(dataset.data.batches(2, seed=0))
     expected = {}
-    for i, pixels in enumerate(images):
-        raw = vae.encode(torch.from_numpy(pixels)[None].float() / 255)
-        expected[f"photo number {i}"] = FLUX.to_model(raw)[0]
-    states = {f"photo number {i}": clip.encode_from_tokens(clip.tokenize(f"photo number {i}"))["cond"][0, :3]
-              for i in range(2)}
+    with torch.inference_mode():  # as ComfyUI runs its models
+        for i, pixels in enumerate(images):
+            raw = vae.encode(torch.from_numpy(pixels)[None].float() / 255)
+            expected[f"photo number {i}"] = FLUX.to_model(raw)[0]
+        states = {f"photo number {i}": clip.encode_from_tokens(clip.tokenize(f"photo number {i}"))["cond"][0, :3]
+                  for i in range(2)}
+    assert not batch.latents.is_inference() and not batch.context.is_inference()  # trainable outside it
     for row in range(2):
         caption = next(c for c, s in states.items() if torch.allclose(batch.context[row, :3], s))
         assert batch.context_lens[row] == 3  # the attention mask, not CLIP's padding
@@ -76,35 +79,36 @@ def test_dataset_encodes_images_with_the_vae_into_model_space_and_captions_with_
 
 def test_a_different_vae_gets_a_different_cache_key(comfy_host, comfy_pack, tiny_model):
     write_images(comfy_host.root / "input" / "subject")
-    node = comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"]()
+    node = comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"]
     clip, vae = FakeCLIP(), FakeVAE()
-    first = node.load(tiny_model, "subject", clip=clip, vae=vae, **DATA_OPTIONS)[1]
-    again = node.load(tiny_model, "subject", clip=clip, vae=vae, **DATA_OPTIONS)[1]
+    first = call_node(node, tiny_model, "subject", clip=clip, vae=vae, **DATA_OPTIONS)[1]
+    again = call_node(node, tiny_model, "subject", clip=clip, vae=vae, **DATA_OPTIONS)[1]
     assert "latents: 0 from cache, 2 encoded" in first and "latents: 2 from cache, 0 encoded" in again
     other = FakeVAE()
-    with torch.no_grad():
+    with torch.inference_mode():
         other.first_stage_model.weight.add_(1.0)
-    changed = node.load(tiny_model, "subject", clip=clip, vae=other, **DATA_OPTIONS)[1]
+    changed = call_node(node, tiny_model, "subject", clip=clip, vae=other, **DATA_OPTIONS)[1]
     assert "latents: 0 from cache, 2 encoded" in changed
 
 
 def test_dataset_needs_clip_and_vae_for_a_real_model(comfy_host, comfy_pack, tiny_model):
     write_images(comfy_host.root / "input" / "subject")
     with pytest.raises(ValueError, match="connect a CLIP and a VAE"):
-        comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"]().load(tiny_model, "subject", **DATA_OPTIONS)
+        call_node(comfy_pack.NODE_CLASS_MAPPINGS["DatasetFromFolder"], tiny_model, "subject", **DATA_OPTIONS)
 
 
 def test_sample_latent_decodes_with_stock_vae_decode_to_the_image_output(comfy_pack, tiny_model):
     clip, vae = FakeCLIP(), FakeVAE()
-    latent, image = comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"]().sample(
+    latent, image = call_node(comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"],
         tiny_model, "None", 1.0, "a photo\nanother photo", "", 32, 32, 2, 1.0, 3.0, 7, clip=clip, vae=vae)
     assert latent["samples"].shape == (2, 16, 4, 4) and image.shape == (2, 32, 32, 3)
     # Stock VAEDecode is vae.decode(samples): the LATENT must be raw VAE latents.
-    assert torch.allclose(vae.decode(latent["samples"]), image, atol=1e-6)
+    with torch.inference_mode():
+        assert torch.allclose(vae.decode(latent["samples"]), image, atol=1e-6)
 
 
 def test_sample_without_vae_still_gives_a_latent_and_a_notice_image(comfy_pack, tiny_model):
-    latent, image = comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"]().sample(
+    latent, image = call_node(comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"],
         tiny_model, "None", 1.0, "a photo", "", 32, 32, 1, 1.0, 3.0, 0, clip=FakeCLIP())
     assert latent["samples"].shape == (1, 16, 4, 4)
     assert image.shape == (1, 32, 32, 3) and image.std() > 0  # drawn text, not a blank frame
@@ -112,19 +116,20 @@ def test_sample_without_vae_still_gives_a_latent_and_a_notice_image(comfy_pack, 
 
 def test_conditioning_input_replaces_the_prompt_text(comfy_pack, tiny_model):
     clip, vae = FakeCLIP(), FakeVAE()
-    out = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)
+    with torch.inference_mode():  # CLIPTextEncode's output, as the next node receives it
+        out = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)
     conditioning = [[out["cond"], {"pooled_output": out["pooled_output"], "attention_mask": out["attention_mask"]}]]
-    node = comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"]()
-    from_text = node.sample(tiny_model, "None", 1.0, "a photo", "", 32, 32, 2, 1.0, 3.0, 3, clip=clip, vae=vae)[0]
-    from_cond = node.sample(tiny_model, "None", 1.0, "ignored", "", 32, 32, 2, 1.0, 3.0, 3, positive=conditioning,
+    node = comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"]
+    from_text = call_node(node, tiny_model, "None", 1.0, "a photo", "", 32, 32, 2, 1.0, 3.0, 3, clip=clip, vae=vae)[0]
+    from_cond = call_node(node, tiny_model, "None", 1.0, "ignored", "", 32, 32, 2, 1.0, 3.0, 3, positive=conditioning,
                             vae=vae)[0]
     assert torch.allclose(from_text["samples"], from_cond["samples"])
 
 
 def test_demo_model_refuses_a_connected_clip(comfy_pack):
-    (dit,) = comfy_pack.NODE_CLASS_MAPPINGS["LoadDiT"]().load("[embedded demo] dit_trainer_demo", "fp32", "sdpa", False)
+    (dit,) = call_node(comfy_pack.NODE_CLASS_MAPPINGS["LoadDiT"], "[embedded demo] dit_trainer_demo", "fp32", "sdpa", False)
     with pytest.raises(ValueError, match="demo model uses its own text encoder"):
-        comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"]().sample(
+        call_node(comfy_pack.NODE_CLASS_MAPPINGS["SampleWithLoRA"],
             dit, "None", 1.0, "a red circle", "", 32, 32, 1, 1.0, 1.0, 0, clip=FakeCLIP())
 
 

@@ -16,6 +16,7 @@ from dit_trainer.training.models.loader import load_dit
 from dit_trainer.training.network.comfy_format import PREFIX, save_adapter
 from dit_trainer.training.network.network import LoRANetwork, NetworkConfig
 from fake_comfy import comfy_host, comfy_pack  # noqa: F401  (fixtures)
+from fake_comfy.executor import call_node
 
 DEMO = "[embedded demo] dit_trainer_demo"
 
@@ -38,23 +39,23 @@ def random_adapter(path, algo: str, style: str = "comfy") -> dict[str, torch.Ten
 def test_sample_strength_equals_comfyui_loraloader_merge(comfy_host, comfy_pack, algo):
     tensors = random_adapter(comfy_host.folder("loras") / "random.safetensors", algo)
     nodes = comfy_pack.NODE_CLASS_MAPPINGS
-    (dit,) = nodes["LoadDiT"]().load(DEMO, "fp32", "sdpa", False)
-    sampler = nodes["SampleWithLoRA"]()
+    (dit,) = call_node(nodes["LoadDiT"], DEMO, "fp32", "sdpa", False)
+    sampler = nodes["SampleWithLoRA"]
     args = ("a magenta circle\na red square", "", 32, 32, 2, 1.0, 1.0, 5)
     prefixes = sorted({k[: -len(".alpha")] for k in tensors if k.endswith(".alpha")})
     for strength in (0.5, 1.0, 1.5):
-        with_adapter = sampler.sample(dit, "random.safetensors", strength, *args)[0]["samples"]
+        with_adapter = call_node(sampler, dit, "random.safetensors", strength, *args)[0]["samples"]
         merged = copy.deepcopy(dit)
         modules = dict(merged.model.named_modules())
         with torch.no_grad():
             for prefix in prefixes:
                 weight = modules[prefix[len(PREFIX):]].weight
                 weight.copy_(comfy_merge(weight, tensors, prefix, strength))
-        as_loraloader = sampler.sample(merged, "None", 1.0, *args)[0]["samples"]
+        as_loraloader = call_node(sampler, merged, "None", 1.0, *args)[0]["samples"]
         assert torch.allclose(with_adapter, as_loraloader, atol=1e-4), (algo, strength)
-    base = sampler.sample(dit, "None", 1.0, *args)[0]["samples"]
+    base = call_node(sampler, dit, "None", 1.0, *args)[0]["samples"]
     assert not torch.allclose(base, with_adapter, atol=1e-3)  # the adapter does change the samples
-    assert torch.equal(sampler.sample(dit, "random.safetensors", 0.0, *args)[0]["samples"], base)
+    assert torch.equal(call_node(sampler, dit, "random.safetensors", 0.0, *args)[0]["samples"], base)
 
 
 def test_sample_reads_a_kohya_file_like_our_own(comfy_host, comfy_pack):
@@ -62,10 +63,10 @@ def test_sample_reads_a_kohya_file_like_our_own(comfy_host, comfy_pack):
     assert all(k.startswith("lora_unet_") for k in kohya)
     random_adapter(comfy_host.folder("loras") / "ours.safetensors", "lora")
     nodes = comfy_pack.NODE_CLASS_MAPPINGS
-    (dit,) = nodes["LoadDiT"]().load(DEMO, "fp32", "sdpa", False)
+    (dit,) = call_node(nodes["LoadDiT"], DEMO, "fp32", "sdpa", False)
     args = ("a magenta circle", "", 32, 32, 2, 1.0, 1.0, 3)
-    from_kohya = nodes["SampleWithLoRA"]().sample(dit, "kohya.safetensors", 0.7, *args)[0]["samples"]
-    from_ours = nodes["SampleWithLoRA"]().sample(dit, "ours.safetensors", 0.7, *args)[0]["samples"]
+    from_kohya = call_node(nodes["SampleWithLoRA"], dit, "kohya.safetensors", 0.7, *args)[0]["samples"]
+    from_ours = call_node(nodes["SampleWithLoRA"], dit, "ours.safetensors", 0.7, *args)[0]["samples"]
     assert torch.allclose(from_kohya, from_ours, atol=1e-5)
 
 
@@ -177,11 +178,11 @@ ONE_TINY_STEP = dict(steps=1, batch_size=2, grad_accum=1, lr=1e-7, optimizer="ad
 def test_training_continues_from_the_chosen_file(comfy_host, comfy_pack):
     start = random_adapter(comfy_host.folder("loras") / "start.safetensors", "dora")
     nodes = comfy_pack.NODE_CLASS_MAPPINGS
-    (dit,) = nodes["LoadDiT"]().load(DEMO, "fp32", "sdpa", False)
-    data = nodes["DatasetFromFolder"]().load(dit, "[embedded demo] magenta shapes", **DEMO_DATA)[0]
+    (dit,) = call_node(nodes["LoadDiT"], DEMO, "fp32", "sdpa", False)
+    data = call_node(nodes["DatasetFromFolder"], dit, "[embedded demo] magenta shapes", **DEMO_DATA)[0]
     for continue_from, name in (("start.safetensors", "continued"), ("None", "fresh")):
-        network = nodes["BuildLoRANetwork"]().build(dit, continue_from=continue_from, **NETWORK)[0]
-        nodes["TrainLoRA"]().run(dit, network, data, name=name, unique_id="1", **ONE_TINY_STEP)
+        network = call_node(nodes["BuildLoRANetwork"], dit, continue_from=continue_from, **NETWORK)[0]
+        call_node(nodes["TrainLoRA"], dit, network, data, name=name, unique_id="1", **ONE_TINY_STEP)
     continued = load_file(comfy_host.folder("loras") / "continued.safetensors")
     fresh = load_file(comfy_host.folder("loras") / "fresh.safetensors")
     # One step at lr 1e-7 barely moves the weights: the continued run still holds the file's adapter.

@@ -60,7 +60,7 @@ def upstream(prompt: dict, target: str) -> dict:
 
 def test_demo_workflow_trains_previews_merges_and_samples(comfy_host, comfy_pack, demo_prompt):
     start = time.perf_counter()
-    run = execute(demo_prompt, comfy_pack.NODE_CLASS_MAPPINGS)
+    run = execute(demo_prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
     train = node_id(demo_prompt, "TrainLoRA")
 
     # ComfyUI progress bar: every step, previews (as latent_preview sends them) at the sample steps.
@@ -123,7 +123,7 @@ def test_cancel_leaves_a_resumable_checkpoint_and_requeue_finishes_the_run(comfy
     # Cancel pressed while step 2 is reported: the run stops at most one step later.
     comfy_host.on_update = lambda update: update.value == 2 and comfy_host.interrupt()
     with pytest.raises(model_management.InterruptProcessingException):
-        execute(prompt, comfy_pack.NODE_CLASS_MAPPINGS)
+        execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
     assert not model_management.processing_interrupted()  # cleared as ComfyUI clears it
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
     stopped_at = int(newest.name.removeprefix("step_"))
@@ -132,7 +132,7 @@ def test_cancel_leaves_a_resumable_checkpoint_and_requeue_finishes_the_run(comfy
 
     comfy_host.on_update = None
     comfy_host.updates.clear()
-    run = execute(prompt, comfy_pack.NODE_CLASS_MAPPINGS)  # queued again, resume on
+    run = execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)  # queued again, resume on
     # Only the steps after the checkpoint are trained, then the end is reported.
     assert [u.value for u in comfy_host.updates] == [*range(stopped_at + 1, 5), 4]
     train = node_id(prompt, "TrainLoRA")
@@ -141,12 +141,12 @@ def test_cancel_leaves_a_resumable_checkpoint_and_requeue_finishes_the_run(comfy
 
     # Queued again unchanged after ComfyUI restarted (its cache is gone): the run is finished, nothing trains.
     comfy_host.updates.clear()
-    execute(prompt, comfy_pack.NODE_CLASS_MAPPINGS)
+    execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
     assert [u.value for u in comfy_host.updates] == [4]
 
     # Same inputs under another name, without interruption: the same adapter.
     prompt[train]["inputs"]["name"] = "uninterrupted"
-    execute(prompt, comfy_pack.NODE_CLASS_MAPPINGS)
+    execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
     reference = load_file(comfy_host.folder("loras") / "uninterrupted.safetensors")
     assert reference.keys() == resumed.keys()
     diffs = {k: (reference[k] - resumed[k]).abs().max().item() for k in reference}

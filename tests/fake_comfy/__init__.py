@@ -4,8 +4,15 @@ Modules (built as module objects, put into sys.modules by the `comfy_host` fixtu
   folder_paths            model folders, input / output / temp directories, rooted in a tmp dir
   comfy.utils             ProgressBar; like ComfyUI's global hook (main.hijack_progress) every
                           update first checks the interrupt flag, then is recorded with its preview
+                          and the node executing at the time
   comfy.model_management  the interrupt flag and InterruptProcessingException
-  server                  PromptServer.instance.send_sync, recorded
+  server                  PromptServer.instance.send_sync, recorded; like the server's websocket it
+                          only carries JSON, and NaN / Infinity fail here as the browser's JSON.parse
+                          fails on them
+
+Node code must run the way ComfyUI runs it: `executor.PromptExecutor` for whole prompts
+(caching across prompts, output nodes only) and `executor.call_node` for one node
+function (worker thread, inference mode).
 
 `comfy_pack` imports the pack the way ComfyUI does: the folder under a module name
 derived from its path (dots -> '_x_'), so only relative imports resolve.
@@ -14,6 +21,7 @@ derived from its path (dots -> '_x_'), so only relative imports resolve.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -35,6 +43,12 @@ class ProgressUpdate:
     value: int
     total: int
     preview: tuple | None  # ("JPEG" | "PNG", PIL.Image, max_size | None), as latent_preview sends it
+    node: str | None = None  # the node executing when it was sent
+
+
+def json_for_browser(data: Any) -> str:
+    """Serialize as the server does, refusing what a browser could not parse."""
+    return json.dumps(data, allow_nan=False)
 
 
 @dataclass
@@ -46,6 +60,7 @@ class FakeHost:
     # Cancel click would land between two steps.
     on_update: Callable[[ProgressUpdate], None] | None = None
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
+    executing: str | None = None  # the node the executor is running (ComfyUI's executing context)
 
     @property
     def models_dir(self) -> Path:
@@ -133,7 +148,7 @@ def _utils(host: FakeHost, model_management: types.ModuleType) -> types.ModuleTy
 
     def hook(value: int, total: int, preview: tuple | None, node_id: str | None = None) -> None:
         model_management.throw_exception_if_processing_interrupted()
-        update = ProgressUpdate(value, total, preview)
+        update = ProgressUpdate(value, total, preview, node_id or host.executing)
         host.updates.append(update)
         if host.on_update is not None:
             host.on_update(update)
@@ -166,8 +181,11 @@ def _server(host: FakeHost) -> types.ModuleType:
 
     class PromptServer:
         instance: "PromptServer"
+        client_id: str | None = "fake-client"
+        last_node_id: str | None = None
 
         def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+            json_for_browser(data)
             host.messages.append((event, data))
 
     PromptServer.instance = PromptServer()

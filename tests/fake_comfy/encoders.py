@@ -5,6 +5,10 @@ FakeCLIP: tokenize(text) -> tokens, encode_from_tokens(tokens, return_dict=True)
 FakeVAE: encode(IMAGE [B, H, W, 3]) -> raw latents [B, 16, H/8, W/8] (8x8 means of the RGB
 channels, then a fixed channel mix and offset, so latents are not in model space),
 decode(latents) -> IMAGE, `first_stage_model`, `downscale_ratio`, `latent_channels`.
+
+Like ComfyUI's own models, their weights are made inside inference mode (ComfyUI's loader
+nodes run in it), and they refuse to run outside it: ComfyUI only ever calls its models
+from node code inside `torch.inference_mode()`, so the pack must do the same.
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _inside_inference_mode(what: str) -> None:
+    if not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} called outside torch.inference_mode(); ComfyUI never runs its models that way")
+
+
 class FakeCLIP:
     def __init__(self, dim: int = 32, pad_to: int = 6):
         self.dim = dim
         self.pad_to = pad_to  # ComfyUI's tokenizers pad; the attention mask marks the real tokens
-        self.cond_stage_model = nn.Linear(dim, dim)
+        with torch.inference_mode():
+            self.cond_stage_model = nn.Linear(dim, dim)
         self.calls = 0
 
     def tokenize(self, text: str) -> list[str]:
@@ -31,6 +41,7 @@ class FakeCLIP:
         return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
 
     def encode_from_tokens(self, tokens: list[str], return_dict: bool = False) -> dict:
+        _inside_inference_mode("CLIP.encode_from_tokens")
         self.calls += 1
         states = torch.zeros(1, max(self.pad_to, len(tokens)), self.dim)
         for i, word in enumerate(tokens):
@@ -48,13 +59,16 @@ class FakeVAE:
         generator = torch.Generator().manual_seed(0)
         self.mix = torch.randn(self.latent_channels, 3, generator=generator)  # latent channel <- RGB
         self.offset = 0.5
-        self.first_stage_model = nn.Linear(3, self.latent_channels)
+        with torch.inference_mode():
+            self.first_stage_model = nn.Linear(3, self.latent_channels)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        _inside_inference_mode("VAE.encode")
         rgb = F.avg_pool2d(pixels.permute(0, 3, 1, 2).float(), self.downscale_ratio)  # [B, 3, h, w]
         return torch.einsum("cr,brhw->bchw", self.mix, rgb) + self.offset
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _inside_inference_mode("VAE.decode")
         rgb = torch.einsum("rc,bchw->brhw", torch.linalg.pinv(self.mix), latents.float() - self.offset)
         pixels = F.interpolate(rgb, scale_factor=self.downscale_ratio, mode="nearest")
         return pixels.permute(0, 2, 3, 1).clamp(0, 1)

@@ -139,10 +139,13 @@ class LoRAModule(AdapterModule):
         """||W0||^2 per DoRA axis, fp32, cached: the base is frozen, so it is read once.
 
         The cache key is the weight's storage and in-place version counter, so a
-        replaced or modified base weight is picked up.
+        replaced or modified base weight is picked up. Inference tensors (a base loaded
+        inside torch.inference_mode) have no version counter; outside that mode they
+        cannot be changed in place at all, so their storage alone is the key.
         """
         weight = self.base.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype)
+        version = None if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.dtype)
         if getattr(self, "_base_sq_key", None) != key:
             self._base_sq = base_sq_norm(weight.detach(), self.dora_axis, weight_scale=weight_scale_of(self.base))
             self._base_sq_key = key

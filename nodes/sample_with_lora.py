@@ -20,7 +20,7 @@ NO_FILE = "None"
 
 def network_for_file(dit: DitModel, path: Path) -> LoRANetwork:
     """A network shaped like the file (ours, kohya / musubi, diffusers, PEFT ...), loaded from it."""
-    _, metadata = read_safetensors(path)
+    _, metadata = read_safetensors(path, "adapter file")
     architecture = metadata.get("dit_trainer_architecture", dit.architecture)
     if architecture != dit.architecture:
         raise ValueError(f"{path.name} is an adapter for {architecture}, but the model is {dit.architecture}")

@@ -21,13 +21,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .storage import OUTPUT_FIX, open_safetensors, os_errors, replace_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ def save_state(directory: str | os.PathLike, state: TrainState, files: dict[str,
     a crash or interrupt mid-save never leaves a half checkpoint behind.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = staging_dir(directory.parent, f".{directory.name}.", OUTPUT_FIX)
     try:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = {
@@ -112,12 +111,11 @@ def save_state(directory: str | os.PathLike, state: TrainState, files: dict[str,
             "config": json.dumps(state.config),
             "extra": json.dumps(state.extra),
         }
-        save_file(tensors, str(tmp / STATE_FILE), metadata=meta)
-        for name, source in (files or {}).items():
-            shutil.move(str(source), str(tmp / name))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        with os_errors("write the checkpoint", tmp / STATE_FILE, OUTPUT_FIX):
+            save_file(tensors, str(tmp / STATE_FILE), metadata=meta)
+            for name, source in (files or {}).items():
+                shutil.move(str(source), str(tmp / name))
+        replace_dir(tmp, directory, OUTPUT_FIX)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,12 +129,19 @@ def load_state(directory: str | os.PathLike) -> TrainState:
             f"{directory} holds no {STATE_FILE}: it is not a resumable checkpoint "
             f"(only the newest keep_last checkpoints keep their state); pick a newer one"
         )
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path, "checkpoint state") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata() or {}
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    skeleton = json.loads(meta["skeleton"])
+    try:
+        skeleton = json.loads(meta["skeleton"])
+        return _state_from(meta, skeleton, tensors)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"cannot read checkpoint state {path}: its contents are damaged ({error!r})") from None
+
+
+def _state_from(meta: dict[str, str], skeleton: dict, tensors: dict[str, torch.Tensor]) -> TrainState:
     return TrainState(
         step=int(meta["step"]),
         micro_batches=int(meta["micro_batches"]),
@@ -173,18 +178,38 @@ def ema_twin(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_ema{path.suffix}")
 
 
-def resolve_resume(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or the newest resumable checkpoint of a run folder."""
+def resumable_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of a run that hold a resumable state, oldest first."""
+    return [p for p in list_checkpoints(run_dir) if (p / STATE_FILE).is_file()]
+
+
+def load_resumable(path: str | os.PathLike) -> tuple[Path, TrainState]:
+    """The state to resume from: a checkpoint folder, or the newest intact checkpoint of a run folder.
+
+    A damaged newest state (a truncated copy, a disk error) is skipped with a warning and
+    the one before it is used, so one bad file never costs the whole run.
+    """
     path = Path(path)
     if (path / STATE_FILE).is_file():
-        return path
-    resumable = [p for p in list_checkpoints(path) if (p / STATE_FILE).is_file()]
-    if not resumable:
+        return path, load_state(path)
+    candidates = resumable_checkpoints(path)
+    if not candidates:
         raise FileNotFoundError(
             f"nothing to resume in {path}: no checkpoints/step_*/{STATE_FILE} found; "
             "pass a run folder that has checkpoints, or start a new run"
         )
-    return resumable[-1]
+    problems = []
+    for candidate in reversed(candidates):
+        try:
+            state = load_state(candidate)
+        except ValueError as error:
+            problems.append(str(error))
+            log.warning("skipping damaged checkpoint %s (%s); trying the one before it", candidate.name, error)
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint", candidate)
+        return candidate, state
+    raise ValueError(f"no intact checkpoint to resume in {path}: " + "; ".join(problems))
 
 
 def prune_states(run_dir: str | os.PathLike, keep_last: int) -> None:

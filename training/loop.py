@@ -1,4 +1,4 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop: `train()` reads top to bottom, its steps are named methods of `_Run`.
 
 Trains the parameters of `trainable` (an adapter network, or the model itself for
 pretraining) on flow matching: x_t = (1 - sigma) x0 + sigma * noise, target
@@ -6,7 +6,15 @@ noise - x0. `accelerate` owns device placement, autocast and gradient accumulati
 
 Exact resume: the data stream is a pure function of (seed, batches drawn), and a
 checkpoint holds the trainable values, optimizer, scheduler, EMA and RNG states, so
-N steps + save + resume + M steps equals N + M uninterrupted steps.
+N steps + save + resume + M steps equals N + M uninterrupted steps. A resume refuses
+settings that differ from the checkpoint's, except steps and lr, which it applies
+from the resumed step and records (run_settings.py).
+
+Nothing is lost and nothing non-finite is kept: a checkpoint is written every
+`save_every` steps, at the end, on a stop request (Cancel, Ctrl-C, SIGTERM; see
+signals.py) and when an exception ends the run; the write cannot be cut short by a
+second signal; weights that turn NaN / inf stop the run at once and are never saved,
+so the newest checkpoint stays the last finite one.
 """
 
 from __future__ import annotations
@@ -14,8 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
-import time
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -25,14 +32,14 @@ import torch.nn as nn
 from accelerate import Accelerator
 from PIL import Image
 
+from . import signals
 from .checkpoint import (
     ADAPTER_FILE,
     TrainState,
     checkpoint_dir,
     ema_twin,
-    load_state,
+    load_resumable,
     prune_states,
-    resolve_resume,
     restore_rng,
     rng_state,
     save_state,
@@ -44,13 +51,16 @@ from .losses import flow_loss
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
-from .progress import ProgressCallback, ProgressEvent
+from .progress import ProgressCallback, ProgressEvent, StepClock
+from .run_settings import FREE, resume_changes, run_settings
 from .sampler import sample_euler
 from .schedules import make_scheduler, resolve_warmup
+from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
 from .timesteps import sample_sigmas
 
 log = logging.getLogger(__name__)
 PATCH = 2  # every supported DiT patchifies latents 2x2; sets the token count for resolution shifts
+RESUME_HISTORY_KEY = "dit_trainer_resume_history"  # adapter metadata: settings changed on resume
 
 
 class TrainingData(Protocol):
@@ -82,9 +92,11 @@ class TrainResult:
     steps_done: int = 0
     skipped_nonfinite: int = 0
     stopped_early: bool = False
+    stop_reason: str | None = None  # what stopped it early: "Ctrl-C", "SIGTERM", or the caller's stop request
     seconds: float = 0.0
     checkpoints: list[Path] = field(default_factory=list)  # written by this call, oldest first
     ema: AdapterEMA | None = None  # `with result.ema.applied(trainable):` to export the EMA weights
+    resume_history: list[dict] = field(default_factory=list)  # settings changed on each resume
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -118,10 +130,12 @@ def save_trained_adapter(
 ) -> tuple[Path, Path | None]:
     """Save the adapter at `path` and, with EMA, the EMA weights at `ema_twin(path)`.
 
-    The metadata records the steps done and the train options. Returns both paths
-    (the second None without EMA).
+    The metadata records the steps done, the train options and any settings a resume
+    changed. Returns both paths (the second None without EMA).
     """
     meta = {"ss_steps": str(result.steps_done), "dit_trainer_train": cfg.to_dict(), **(extra_metadata or {})}
+    if result.resume_history:
+        meta[RESUME_HISTORY_KEY] = result.resume_history
     saved = save_adapter(network, path, base_hash, meta)
     if result.ema is None:
         return saved, None
@@ -173,6 +187,289 @@ def _check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
             )
 
 
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """One fused norm per tensor and a single sync: NaN / inf anywhere makes a norm non-finite."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all())
+
+
+def _scale_lrs(optimizer: torch.optim.Optimizer, scheduler, ratio: float) -> None:
+    """Multiply every group's lr (LoRA+ ratios kept) and the schedule's base lrs by `ratio`."""
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+
+
+def _schedule_now(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Set each group's lr to what the (changed) schedule gives at its current step."""
+    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+class _Run:
+    """The state of one `train()` call; its methods are the loop's steps, in the order they run."""
+
+    def __init__(self, model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
+                 adapter_metadata, settings):
+        self.model, self.trainable, self.data, self.cfg = model, trainable, data, cfg
+        self.on_progress, self.specs, self.should_stop = on_progress, _as_list(previews), should_stop
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.resume_from, self.adapter_metadata = resume_from, adapter_metadata
+        self.base_hash = getattr(model, "base_hash", "")
+        network = getattr(getattr(trainable, "cfg", None), "to_dict", None)
+        self.settings = settings or run_settings(cfg.to_dict(), network() if network else None, self.base_hash, "")
+
+    # --- setting up -------------------------------------------------------------------
+
+    def set_up(self) -> None:
+        cfg = self.cfg
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+        )
+        torch.manual_seed(cfg.seed)
+        self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
+        self.model.to(self.accelerator.device)
+        self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.trainable.train()
+        if cfg.scale_weight_norms > 0 and not hasattr(self.trainable, "apply_max_norm"):
+            raise ValueError("scale_weight_norms needs an adapter network to rescale; set it to 0 to train this module")
+        if cfg.scale_weight_norms > 0 and getattr(getattr(self.trainable, "cfg", None), "init", "") == "pissa":
+            raise ValueError("scale_weight_norms cannot rescale a PiSSA adapter (its base holds the residual); "
+                             "set scale_weight_norms to 0 or use init kaiming / orthogonal")
+        groups = _param_groups(self.trainable, cfg.lr)
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise ValueError("nothing to train: the trainable module has no parameters with requires_grad")
+        self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas,
+                                        cfg.optimizer_kwargs)
+        warmup = resolve_warmup(cfg.steps, cfg.warmup_steps, cfg.warmup_ratio)
+        self.scheduler = make_scheduler(self.optimizer, cfg.steps, cfg.schedule, warmup, cfg.min_lr_ratio, cfg.power)
+        self.ema = (AdapterEMA(self.trainable, cfg.ema_decay, cfg.ema_start_step, cfg.ema_update_every)
+                    if cfg.ema_decay else None)
+        self.result = TrainResult(ema=self.ema)
+        self.start_step, self.micro_batches = 0, 0
+
+    def restore(self) -> None:
+        """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
+        where, state = load_resumable(self.resume_from)
+        _check_resumable(state.config, self.cfg, where)
+        saved = state.extra.get("settings") or {
+            "train": {k: v for k, v in state.config.items() if k not in FREE["train"]}}  # older checkpoints
+        current = self.settings if "settings" in state.extra else {"train": self.settings["train"]}
+        changes = resume_changes(saved, current, where, state.step)
+        with torch.no_grad():
+            try:
+                missing, unexpected = self.trainable.load_state_dict(state.trainable, strict=False)
+            except RuntimeError as error:  # shapes differ
+                missing, unexpected = [str(error).splitlines()[-1].strip()], []
+        if missing or unexpected:
+            raise ValueError(
+                f"cannot resume from {where}: the network differs from the checkpoint's "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]}); build it with the same options"
+            )
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if "train.lr" in changes:
+            old, new = changes["train.lr"]
+            _scale_lrs(self.optimizer, self.scheduler, new / old)
+        if changes:
+            _schedule_now(self.optimizer, self.scheduler)
+            listed = ", ".join(f"{k.removeprefix('train.')} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            log.warning("resuming %s at step %d with changed settings: %s (applied from step %d on, recorded in "
+                        "the adapter's metadata)", where, state.step, listed, state.step)
+        if self.ema is not None and state.ema is not None:
+            self.ema.load_state_dict(state.ema)
+        restore_rng(state.rng, self.noise_rng)
+        self.start_step, self.micro_batches = state.step, state.micro_batches
+        self.result.losses, self.result.skipped_nonfinite = list(state.losses), state.skipped_nonfinite
+        self.result.resume_history = list(state.extra.get("resume_history", []))
+        if changes:
+            self.result.resume_history.append(
+                {"step": state.step, "changed": {k: [old, new] for k, (old, new) in changes.items()}})
+        log.info("resumed from %s at step %d", where, self.start_step)
+
+    def prepare(self) -> None:
+        self.raw_optimizer = self.optimizer  # schedule-free mode switches go to the optimizer itself
+        self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
+        train_mode(self.raw_optimizer)
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def export_adapters(self, folder: Path) -> dict[str, Path]:
+        """Adapter files at this step: eval weights (schedule-free) and, with EMA, the EMA weights."""
+        if not isinstance(self.trainable, LoRANetwork):
+            return {}
+        with _eval_view(self.raw_optimizer, self.params):
+            saved = save_trained_adapter(self.trainable, folder / ADAPTER_FILE, self.result, self.cfg,
+                                         self.base_hash, self.adapter_metadata)
+        return {p.name: p for p in saved if p is not None}
+
+    def save_checkpoint(self, rng: dict[str, torch.Tensor], micro: int) -> None:
+        """Write a resumable checkpoint of the current weights (never non-finite ones); no signal can cut it short."""
+        if self.run_dir is None:
+            return
+        step = self.result.steps_done
+        raw = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+        try:
+            finite_or_raise(raw, f"the adapter at step {step}")
+        except NonFiniteError as error:
+            kept = self.result.last_checkpoint or "none yet in this call"
+            log.error("not saving a checkpoint: %s; the newest finite checkpoint stays (%s)", error, kept)
+            return
+        with signals.protected():
+            staging = staging_dir(self.run_dir, ".staging.", OUTPUT_FIX)
+            try:
+                files = self.export_adapters(staging)
+                state = TrainState(
+                    step=step,
+                    micro_batches=micro,
+                    losses=self.result.losses,
+                    skipped_nonfinite=self.result.skipped_nonfinite,
+                    trainable=raw,
+                    optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(),
+                    rng=rng,
+                    config=self.cfg.to_dict(),
+                    ema=None if self.ema is None else self.ema.state_dict(),
+                    extra={"settings": self.settings, "resume_history": self.result.resume_history},
+                )
+                folder = save_state(checkpoint_dir(self.run_dir, step), state, files)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # empty unless the write failed
+            self.result.checkpoints.append(folder)
+            prune_states(self.run_dir, self.cfg.keep_last)
+        log.info("saved resumable checkpoint of step %d: %s", step, folder)
+
+    # --- one step ---------------------------------------------------------------------
+
+    def micro_step(self, batches: Iterator[LatentBatch], step: int, step_losses: list[float]) -> None:
+        """One micro-batch: forward, loss, backward, and on the last of `grad_accum` the optimizer step."""
+        cfg, accelerator = self.cfg, self.accelerator
+        batch = next(batches)
+        self.micro_batches += 1
+        x0 = batch.latents.to(accelerator.device)
+        noise = torch.randn(x0.shape, generator=self.noise_rng).to(accelerator.device)
+        n_tokens = (x0.shape[-2] // PATCH) * (x0.shape[-1] // PATCH)
+        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng).to(accelerator.device)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
+        with accelerator.accumulate(self.trainable), accelerator.autocast():
+            pred = self.model(noisy, sigma, batch.context.to(accelerator.device),
+                              batch.context_lens.to(accelerator.device))
+            weights = None if batch.weights is None else batch.weights.to(accelerator.device)
+            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma)
+            if not torch.isfinite(loss):
+                # A NaN / inf batch must not reach the weights; skip it and stop if it persists.
+                self.result.skipped_nonfinite += 1
+                self.nonfinite_run += 1
+                if self.nonfinite_run >= cfg.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{self.nonfinite_run} consecutive non-finite losses at step {step}; lower the lr, "
+                        "enable max_grad_norm, or train in fp32 (mixed_precision='no')"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            self.nonfinite_run = 0
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self.step_start = None  # from here until the step is complete no exact state exists
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients and not _all_finite(self.params):
+                raise NonFiniteError(
+                    f"the adapter weights became NaN or infinite in the update of step {step + 1} (its loss was "
+                    f"{loss.item():.4g}): the update diverged; lower the lr (now {self.scheduler.get_last_lr()[0]:.3g}), "
+                    "keep max_grad_norm on, or use a lower loraplus_lr_ratio. Nothing non-finite was saved"
+                )
+        step_losses.append(loss.item())  # CPU-GPU sync, once per micro-batch
+
+    def after_step(self, step: int, step_losses: list[float]) -> ProgressEvent:
+        cfg = self.cfg
+        norm_stats = self.trainable.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms > 0 else None
+        if self.ema is not None:
+            with _eval_view(self.raw_optimizer, self.params):
+                self.ema.update(step + 1)
+        self.result.steps_done = step + 1
+        mean_loss = sum(step_losses) / len(step_losses) if step_losses else math.nan
+        self.result.losses.append(mean_loss)
+        self.step_start = (rng_state(self.noise_rng), self.micro_batches)  # the step is complete
+        self.clock.step_done()
+        event = ProgressEvent(
+            step=step + 1,
+            total=cfg.steps,
+            loss=mean_loss,
+            lr=self.scheduler.get_last_lr()[0],
+            elapsed_s=self.clock.elapsed,
+            eta_s=self.clock.eta(cfg.steps - step - 1),
+            norm_stats=norm_stats,
+        )
+        if self.specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
+            self.trainable.eval()
+            ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
+            with _eval_view(self.raw_optimizer, self.params), ema_weights:
+                for spec in self.specs:
+                    event.previews += render_previews(self.model, spec)
+                    event.preview_captions += spec.captions
+            self.trainable.train()
+        return event
+
+    def stop_reason(self) -> str | None:
+        if self.should_stop is not None and self.should_stop():
+            return "stop requested"
+        return signals.stop_requested()
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, result = self.cfg, self.result
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        batches = self.data.batches(cfg.batch_size, cfg.seed, start=self.micro_batches)
+        result.steps_done = self.start_step
+        self.clock = StepClock()
+        self.nonfinite_run = 0
+        # What a checkpoint written now must hold: the state before the step in progress,
+        # or None while the optimizer is updating (a failure there leaves no exact state).
+        self.step_start: tuple[dict, int] | None = (rng_state(self.noise_rng), self.micro_batches)
+        try:
+            for step in range(self.start_step, cfg.steps):
+                self.step_start = (rng_state(self.noise_rng), self.micro_batches)
+                step_losses: list[float] = []
+                for _ in range(cfg.grad_accum):
+                    self.micro_step(batches, step, step_losses)
+                event = self.after_step(step, step_losses)
+                if self.on_progress is not None:
+                    self.on_progress(event)  # may raise (ComfyUI's interrupt): the except clause saves the step
+                stop = self.stop_reason()
+                if step + 1 == cfg.steps or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    self.save_checkpoint(*self.step_start)
+                if stop:
+                    result.stopped_early, result.stop_reason = step + 1 < cfg.steps, stop
+                    break
+        except BaseException as error:
+            # Interrupts (ComfyUI's raise from a progress update, Ctrl-C) and errors: keep the work done so far.
+            written = self.run_dir is not None and checkpoint_dir(self.run_dir, result.steps_done) in result.checkpoints
+            if self.step_start is not None and not written and self.run_dir is not None:
+                log.warning("run ended by %s at step %d; writing a resumable checkpoint first",
+                            type(error).__name__, result.steps_done)
+                self.save_checkpoint(*self.step_start)
+            raise
+        finally:
+            self.trainable.eval()
+            result.seconds = self.clock.elapsed
+        if is_schedule_free(self.raw_optimizer):
+            self.raw_optimizer.eval()  # leave the trainable holding the schedule-free eval weights
+        return result
+
+
 def train(
     model: nn.Module,
     trainable: nn.Module,
@@ -184,193 +481,23 @@ def train(
     run_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     adapter_metadata: dict | None = None,
+    settings: dict | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to `cfg.steps`.
 
-    `should_stop` is polled after every step. With `run_dir`, resumable checkpoints are
-    written every `cfg.save_every` steps, at the end, when `should_stop` fires and when an
-    exception (an interrupt raised by a progress callback, say) ends the run.
-    `resume_from` (a run folder or one checkpoint folder) continues a run exactly.
-    On return the trainable holds its final weights (schedule-free: the eval weights).
+    `should_stop` is polled after every step, and so are stop requests (signals.py). With
+    `run_dir`, resumable checkpoints are written every `cfg.save_every` steps, at the end,
+    on a stop and when an exception (an interrupt raised by a progress callback, say)
+    ends the run. `resume_from` (a run folder or one checkpoint folder) continues a run
+    exactly. `settings` (run_settings.run_settings) is what a resume is checked against;
+    without it the train and network options are. On return the trainable holds its
+    final weights (schedule-free: the eval weights).
     """
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-    )
-    torch.manual_seed(cfg.seed)
-    noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
-    model.to(accelerator.device)
-    trainable.to(accelerator.device)  # adapters live outside the model's module tree
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    trainable.train()
-
-    if cfg.scale_weight_norms > 0 and not hasattr(trainable, "apply_max_norm"):
-        raise ValueError("scale_weight_norms needs an adapter network to rescale; set it to 0 to train this module")
-    if cfg.scale_weight_norms > 0 and getattr(getattr(trainable, "cfg", None), "init", "") == "pissa":
-        raise ValueError("scale_weight_norms cannot rescale a PiSSA adapter (its base holds the residual); "
-                         "set scale_weight_norms to 0 or use init kaiming / orthogonal")
-    groups = _param_groups(trainable, cfg.lr)
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise ValueError("nothing to train: the trainable module has no parameters with requires_grad")
-    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer_kwargs)
-    warmup = resolve_warmup(cfg.steps, cfg.warmup_steps, cfg.warmup_ratio)
-    scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule, warmup, cfg.min_lr_ratio, cfg.power)
-    ema = AdapterEMA(trainable, cfg.ema_decay, cfg.ema_start_step, cfg.ema_update_every) if cfg.ema_decay else None
-
-    result = TrainResult(ema=ema)
-    start_step, micro_batches = 0, 0
-    if resume_from is not None:
-        where = resolve_resume(resume_from)
-        state = load_state(where)
-        _check_resumable(state.config, cfg, where)
-        with torch.no_grad():
-            missing, unexpected = trainable.load_state_dict(state.trainable, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"cannot resume from {where}: the network differs from the checkpoint's "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]}); build it with the same options"
-            )
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        if ema is not None and state.ema is not None:
-            ema.load_state_dict(state.ema)
-        restore_rng(state.rng, noise_rng)
-        start_step, micro_batches = state.step, state.micro_batches
-        result.losses, result.skipped_nonfinite = list(state.losses), state.skipped_nonfinite
-        log.info("resumed from %s at step %d", where, start_step)
-    raw_optimizer = optimizer  # schedule-free mode switches go to the optimizer itself
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    train_mode(raw_optimizer)
-    specs = _as_list(previews)
-    base_hash = getattr(model, "base_hash", "")
-
-    def export_adapters(folder: Path) -> dict[str, Path]:
-        """Adapter files at this step: eval weights (schedule-free) and, with EMA, the EMA weights."""
-        if not isinstance(trainable, LoRANetwork):
-            return {}
-        with _eval_view(raw_optimizer, params):
-            saved = save_trained_adapter(trainable, folder / ADAPTER_FILE, result, cfg, base_hash, adapter_metadata)
-        return {p.name: p for p in saved if p is not None}
-
-    def save_checkpoint(rng: dict[str, torch.Tensor], micro: int) -> None:
-        if run_dir is None:
-            return
-        raw = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-        with tempfile.TemporaryDirectory(dir=Path(run_dir)) as staging:
-            files = export_adapters(Path(staging))
-            state = TrainState(
-                step=result.steps_done,
-                micro_batches=micro,
-                losses=result.losses,
-                skipped_nonfinite=result.skipped_nonfinite,
-                trainable=raw,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                rng=rng,
-                config=cfg.to_dict(),
-                ema=None if ema is None else ema.state_dict(),
-            )
-            folder = save_state(checkpoint_dir(run_dir, result.steps_done), state, files)
-        result.checkpoints.append(folder)
-        prune_states(run_dir, cfg.keep_last)
-
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    batches = data.batches(cfg.batch_size, cfg.seed, start=micro_batches)
-    result.steps_done = start_step
-    start = time.perf_counter()
-    nonfinite_run = 0
-    # What a checkpoint written now must hold: the state before the step in progress,
-    # or None while the optimizer is updating (a failure there leaves no exact state).
-    step_start: tuple[dict, int] | None = (rng_state(noise_rng), micro_batches)
-    try:
-        for step in range(start_step, cfg.steps):
-            step_start = (rng_state(noise_rng), micro_batches)
-            step_losses = []
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                micro_batches += 1
-                x0 = batch.latents.to(accelerator.device)
-                noise = torch.randn(x0.shape, generator=noise_rng).to(accelerator.device)
-                n_tokens = (x0.shape[-2] // PATCH) * (x0.shape[-1] // PATCH)
-                sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, noise_rng).to(accelerator.device)
-                s = sigma.view(-1, 1, 1, 1)
-                noisy = (1.0 - s) * x0 + s * noise
-                with accelerator.accumulate(trainable), accelerator.autocast():
-                    pred = model(noisy, sigma, batch.context.to(accelerator.device), batch.context_lens.to(accelerator.device))
-                    weights = None if batch.weights is None else batch.weights.to(accelerator.device)
-                    loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma)
-                    if not torch.isfinite(loss):
-                        # A NaN / inf batch must not reach the weights; skip it and stop if it persists.
-                        result.skipped_nonfinite += 1
-                        nonfinite_run += 1
-                        if nonfinite_run >= cfg.max_nonfinite_steps:
-                            raise FloatingPointError(
-                                f"{nonfinite_run} consecutive non-finite losses at step {step}; lower the lr, "
-                                "enable max_grad_norm, or train in fp32 (mixed_precision='no')"
-                            )
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    nonfinite_run = 0
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        step_start = None
-                        if cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_losses.append(loss.item())  # CPU-GPU sync, once per micro-batch
-
-            norm_stats = None
-            if cfg.scale_weight_norms > 0:
-                norm_stats = trainable.apply_max_norm(cfg.scale_weight_norms)
-            if ema is not None:
-                with _eval_view(raw_optimizer, params):
-                    ema.update(step + 1)
-            result.steps_done = step + 1
-            mean_loss = sum(step_losses) / len(step_losses) if step_losses else math.nan
-            result.losses.append(mean_loss)
-            step_start = (rng_state(noise_rng), micro_batches)  # the step is complete
-
-            elapsed = time.perf_counter() - start
-            done_here = step + 1 - start_step
-            event = ProgressEvent(
-                step=step + 1,
-                total=cfg.steps,
-                loss=mean_loss,
-                lr=scheduler.get_last_lr()[0],
-                elapsed_s=elapsed,
-                eta_s=elapsed / done_here * (cfg.steps - step - 1),
-                norm_stats=norm_stats,
-            )
-            if specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
-                trainable.eval()
-                with _eval_view(raw_optimizer, params), ema.applied(trainable) if ema is not None else contextlib.nullcontext():
-                    for spec in specs:
-                        event.previews += render_previews(model, spec)
-                        event.preview_captions += spec.captions
-                trainable.train()
-            if on_progress is not None:
-                on_progress(event)  # may raise (ComfyUI's interrupt): the except clause saves the step
-            stop = should_stop is not None and should_stop()
-            if step + 1 == cfg.steps or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(*step_start)
-            if stop:
-                result.stopped_early = step + 1 < cfg.steps
-                break
-    except BaseException:
-        # Interrupts (ComfyUI's raise from a progress update) and errors: keep the work done so far.
-        written = run_dir is not None and checkpoint_dir(run_dir, result.steps_done) in result.checkpoints
-        if step_start is not None and not written:
-            log.warning("run ended by an exception at step %d; writing a resumable checkpoint first", result.steps_done)
-            save_checkpoint(*step_start)
-        raise
-    finally:
-        trainable.eval()
-        result.seconds = time.perf_counter() - start
-    if is_schedule_free(raw_optimizer):
-        raw_optimizer.eval()  # leave the trainable holding the schedule-free eval weights
-    return result
+    run = _Run(model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
+               adapter_metadata, settings)
+    with signals.active_run():
+        run.set_up()
+        if resume_from is not None:
+            run.restore()
+        run.prepare()
+        return run.run()

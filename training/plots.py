@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .storage import atomic_write
+
 BACKGROUND = (250, 250, 250)
 AXIS = (60, 60, 60)
 RAW = (170, 190, 230)
@@ -64,11 +66,6 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 96, label_
     return grid
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Atomic PNG write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+def save_png(image: Image.Image, path: str | os.PathLike, fix: str = "") -> Path:
+    """Atomic PNG write (see storage.atomic_write)."""
+    return atomic_write(path, lambda temp: image.save(temp, format="PNG"), fix)

@@ -167,7 +167,7 @@ def merge_adapter_files(
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise ValueError(f"post-hoc EMA needs at least 2 checkpoint files, got {len(paths)}")
-    loaded = [read_safetensors(path) for path in paths]
+    loaded = [read_safetensors(path, "checkpoint adapter") for path in paths]
     steps, order_source = _checkpoint_steps(paths, [meta for _, meta in loaded])
     order = list(range(len(paths)))
     if steps is not None:

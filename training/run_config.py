@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig
+from .data.config import DataConfig
 from .network.network import NetworkConfig
-from .options import from_plain
+from .options import checked_values, from_plain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,13 +111,10 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
     continue_from = resolve(network_values.pop("continue_from", ""))
     network = NetworkSection(from_plain(NetworkConfig, network_values, "network"), continue_from)
     data_values = dict(values["data"])
-    data = DataSection(
-        folder=resolve(data_values.pop("folder", DEMO)),
-        mask_gamma=float(data_values.pop("mask_gamma", 1.0)),
-        mask_min_weight=float(data_values.pop("mask_min_weight", 0.0)),
-        encoder_id=str(data_values.pop("encoder_id", "")),
-        options=data_values,
-    )
+    own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight") if k in data_values}
+    data = from_plain(DataSection, {**own, "options": checked_values(DataConfig, data_values, "data")}, "data")
+    data.folder = resolve(data.folder)
+    DataConfig(**data.options)  # range checks too, before any model is loaded
     train = TrainConfig.from_dict(dict(values.get("train", {})))
     sample = from_plain(SampleSection, dict(values.get("sample", {})), "sample")
     sample.prompts_file = resolve(sample.prompts_file)

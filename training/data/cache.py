@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..storage import atomic_save_safetensors, read_safetensors
 from .buckets import Placement
 
 log = logging.getLogger(__name__)
 
+CACHE_FIX = "set cache_dir to a writable folder with free space, or turn cache_latents_to_disk off"
 CACHE_FORMAT_VERSION = "1"  # bump when the stored tensors change meaning
 TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 # With caption shuffling the number of distinct caption strings grows without bound,
@@ -54,16 +53,8 @@ def latent_key(
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write atomically: a temp file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write a cache entry atomically; a folder that cannot take it is an error naming the cache options."""
+    atomic_save_safetensors(tensors, path, metadata, CACHE_FIX)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
@@ -71,8 +62,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        return load_file(path)
-    except Exception as error:  # a truncated or foreign file is a cache miss, not a failure
+        return read_safetensors(path, "cache entry")[0]
+    except (ValueError, OSError) as error:  # a truncated or foreign file is a cache miss, not a failure
         log.warning("ignoring unreadable cache file %s (%s); it will be re-encoded", path, error)
         return None
 

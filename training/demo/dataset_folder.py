@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..storage import atomic_write, make_dir
 from .shapes import BACKGROUND, concept_samples, write_folder
 
 DEMO_IMAGES = 16
@@ -32,15 +33,11 @@ def write_demo_dataset(folder: str | os.PathLike, n_images: int = DEMO_IMAGES, s
         return folder
     samples = concept_samples(n_images, seed)
     write_folder(samples, folder)
-    masks = folder / "masks"
-    masks.mkdir(exist_ok=True)
+    masks = make_dir(folder / "masks")
     for i, sample in enumerate(samples):
         # Shapes are drawn without anti-aliasing, so "not background" is exactly the shape.
-        shape = np.any(sample.image != np.array(BACKGROUND, dtype=np.uint8), axis=-1)
-        tmp = masks / f".{i:04d}.png.tmp"
-        Image.fromarray((shape * 255).astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, masks / f"{i:04d}.png")
-    tmp_marker = folder / f".{MARKER}.tmp"
-    tmp_marker.write_text(json.dumps(settings), encoding="utf-8")
-    os.replace(tmp_marker, marker)
+        shape = Image.fromarray((np.any(sample.image != np.array(BACKGROUND, dtype=np.uint8), axis=-1) * 255)
+                                .astype(np.uint8))
+        atomic_write(masks / f"{i:04d}.png", lambda temp: shape.save(temp, format="PNG"))
+    atomic_write(marker, lambda temp: temp.write_text(json.dumps(settings), encoding="utf-8"))
     return folder

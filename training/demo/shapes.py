@@ -9,13 +9,13 @@ to an adapter from a handful of `concept_samples`.
 from __future__ import annotations
 
 import itertools
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..storage import atomic_write, make_dir
 
 IMAGE_SIZE = 32
 BACKGROUND: tuple[int, int, int] = (24, 24, 28)
@@ -109,19 +109,11 @@ def concept_prompts() -> list[str]:
     return [caption(shape, HELD_OUT_COLOUR) for shape in SHAPES]
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp sibling then rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_folder(samples: list[Sample], folder: Path) -> None:
     """Write `NNNN.png` images with same-stem `NNNN.txt` captions (the trainer's dataset-folder format)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_dir(folder)
     for i, sample in enumerate(samples):
         stem = f"{i:04d}"
         image = Image.fromarray(sample.image)
-        _replace_atomically(folder / f"{stem}.png", lambda p: image.save(p, format="PNG"))
-        _replace_atomically(folder / f"{stem}.txt", lambda p: p.write_text(sample.caption, encoding="utf-8"))
+        atomic_write(folder / f"{stem}.png", lambda p: image.save(p, format="PNG"))
+        atomic_write(folder / f"{stem}.txt", lambda p: p.write_text(sample.caption, encoding="utf-8"))

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..storage import atomic_save_safetensors, open_safetensors
 from .zimage import ZImageConfig, ZImageDiT, default_axes_dims
 
 T = TypeVar("T")
@@ -34,7 +32,6 @@ T = TypeVar("T")
 # Only the first match counts, and none is a prefix of another.
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 COMFY_PREFIX = "model.diffusion_model."
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEY_SAMPLE = 20  # keys quoted in error messages
 RESERVED_METADATA = ("architecture", "config")
@@ -299,16 +296,7 @@ def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The DiT tensors (prefix stripped) and `__metadata__` of a .safetensors file."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"refusing to load '{path}': {path.suffix} checkpoints are Python pickles, which can run "
-            "arbitrary code when opened. Convert it to .safetensors first (e.g. with safetensors.torch.save_file)."
-        )
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"'{path}' is not a .safetensors file; only safetensors checkpoints are supported")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "checkpoint") as handle:
         keys = list(handle.keys())
         prefix = _model_prefix(keys)
         # Read only the DiT's tensors: a single file also holds the VAE and text encoder.
@@ -392,13 +380,4 @@ def save_dit(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[
     file_metadata["config"] = json.dumps(model.cfg.to_dict())
     tensors = {COMFY_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is an atomic rename on one filesystem.
-    tmp_name = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
-    try:
-        save_file(tensors, tmp_name, metadata=file_metadata)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(tensors, path, file_metadata)

@@ -19,7 +19,7 @@ from .export import adapter_metadata, adapter_state_dict, export_adapter
 from .importer import ImportReport, load_adapter_into
 from .key_names import COMFY_PREFIX as PREFIX
 from .network import LoRANetwork
-from .safetensors_io import atomic_save_safetensors, read_safetensors
+from ..storage import atomic_save_safetensors, read_safetensors
 
 __all__ = [
     "PREFIX",

@@ -34,7 +34,7 @@ import torch
 from .key_names import COMFY_PREFIX, KOHYA_PREFIX, PEFT_PREFIX, Alias, diffusers_aliases
 from .lora import DORA_EPS
 from .network import LoRANetwork
-from .safetensors_io import atomic_save_safetensors
+from ..storage import atomic_save_safetensors
 
 EXPORT_STYLES = ("comfy", "kohya", "peft")
 

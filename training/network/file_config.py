@@ -25,14 +25,14 @@ import torch.nn as nn
 
 from .importer import alias_table, assemble, group_file, shown
 from .network import NetworkConfig
-from .safetensors_io import read_safetensors
+from ..storage import read_safetensors
 from .targets import module_kind
 
 
 def config_for_file(model: nn.Module, architecture: str, path: str | os.PathLike) -> NetworkConfig:
     """Options of a network on `model` with exactly the layers, ranks, scales and DoRA of the file at `path`."""
     path = str(path)
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, "adapter file")
     layers = {name: m for name, m in model.named_modules() if module_kind(m) in ("linear", "conv")}
     pieces, _, _, unknown = group_file(path, tensors, alias_table(architecture, layers))
     if unknown:

@@ -33,7 +33,7 @@ from ...kernels.dora import dora_weight_norm
 from .key_names import COMFY_PREFIX, TEXT_ENCODER_PREFIXES, Alias, diffusers_aliases, key_forms, split_key
 from .lora import DORA_EPS, weight_scale_of
 from .network import LoRANetwork
-from .safetensors_io import read_safetensors
+from ..storage import read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def _magnitude_for(path: str, adapter, item: _Assembled, down: torch.Tensor, up:
 def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportReport:
     """Load a LoRA / DoRA file of any supported key style into `network`; see the module docstring."""
     path = str(path)
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, "adapter file")
     adapters = network.by_name()
     table = alias_table(network.architecture, {name: adapter.base for name, adapter in adapters.items()})
     pieces, styles, ignored, unknown = group_file(path, tensors, table)

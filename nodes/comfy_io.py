@@ -40,18 +40,6 @@ def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def tile(images: list[Image.Image], min_side: int = 128) -> Image.Image:
-    """Images side by side, scaled up by a whole factor (nearest) so tiny samples stay visible."""
-    width, height = images[0].size
-    factor = max(1, -(-min_side // min(width, height)))
-    gap = 4
-    sheet = Image.new("RGB", (len(images) * (width * factor + gap) - gap, height * factor), (24, 24, 28))
-    for i, img in enumerate(images):
-        scaled = img.convert("RGB").resize((width * factor, height * factor), Image.NEAREST)
-        sheet.paste(scaled, (i * (width * factor + gap), 0))
-    return sheet
-
-
 # --- text -------------------------------------------------------------------
 
 

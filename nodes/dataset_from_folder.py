@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 from ..training.data.config import MASK_MODES, DataConfig
+from ..training.data.files import dataset_fingerprint, folder_state
 from ..training.data.folder_dataset import FolderDataset
 from ..training.demo.dataset_folder import write_demo_dataset
 from . import host
@@ -37,18 +35,6 @@ def resolve_folder(folder: str) -> Path:
             f"directory ({host.input_dir()})"
         )
     return path
-
-
-def folder_state(folder: Path) -> str:
-    """Names, sizes and modification times of every file below `folder` (hidden caches excluded)."""
-    digest = hashlib.sha256(str(folder).encode())
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(n for n in filenames if not n.startswith(".")):
-            path = os.path.join(dirpath, name)
-            stat = os.stat(path)
-            digest.update(f"{os.path.relpath(path, folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 class DatasetFromFolder:
@@ -136,7 +122,5 @@ class DatasetFromFolder:
             path, cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale, encoders.encoder_id
         )
         summary = f"{path}\n{data.summary()}\nencoder id: {encoders.encoder_id}"
-        fingerprint = hashlib.sha256(
-            json.dumps([str(path), folder_state(path), cfg.to_dict(), encoders.encoder_id]).encode()
-        ).hexdigest()[:16]
+        fingerprint = dataset_fingerprint(path, cfg, encoders.encoder_id)
         return (TrainingSet(data, encoders, fingerprint, summary), summary)

@@ -7,8 +7,9 @@ from pathlib import Path
 from ..training.checkpoint import ADAPTER_FILE, EMA_ADAPTER_FILE, checkpoint_adapters
 from ..training.network.comfy_format import atomic_save_safetensors
 from ..training.posthoc_ema import MODES, merge_adapter_files
+from ..training.run_folder import RUN_ID_KEY, free_adapter_path
+from ..training.run_settings import file_identity
 from . import host
-from .run_folder import file_identity
 from .sockets import CATEGORY, DITT_LORA, TrainedLora
 
 
@@ -94,8 +95,9 @@ class EMAMerge:
             files, mode, beta, beta2 if mode == "linear" else None, sigma_rel if mode == "sigma_rel" else None,
             t_from_steps=t_from_steps and mode == "sigma_rel",
         )
-        name = f"{run_dir.name}_{host.safe_name(suffix, 'EMAMerge suffix')}.safetensors"
-        path = atomic_save_safetensors(tensors, host.model_folder("loras") / name, metadata)
+        stem = f"{run_dir.name}_{host.safe_name(suffix, 'EMAMerge suffix')}"
+        target = free_adapter_path(host.model_folder("loras"), stem, metadata.get(RUN_ID_KEY, ""))
+        path = atomic_save_safetensors(tensors, target, metadata)
         architecture = metadata.get("dit_trainer_architecture", lora.architecture if lora else "")
         base_hash = metadata.get("ss_base_model_hash", lora.base_hash if lora else "")
         return (TrainedLora(path, architecture, base_hash, run_dir), str(path))

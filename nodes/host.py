@@ -6,7 +6,6 @@ files read as plain translation code and a test can swap the host for a fake.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ import torch
 from PIL import Image
 from server import PromptServer
 
+from ..training.plots import save_png
+
 PACK_FOLDER = "dit_trainer"  # our subfolder of ComfyUI's output and temp directories
-PREVIEW_MAX_SIZE = 512  # longest side of ProgressBar previews, as ComfyUI's latent previews
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -83,13 +83,10 @@ def send(event: str, data: dict[str, Any]) -> None:
 def save_temp_pngs(images: list[Image.Image], prefix: str) -> list[dict[str, str]]:
     """Write images into ComfyUI's temp directory; returns the records /view serves them by."""
     folder = Path(folder_paths.get_temp_directory()) / PACK_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i, image in enumerate(images):
         filename = f"{prefix}_{i:02d}.png"
-        tmp = folder / f".{filename}.tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, folder / filename)
+        save_png(image, folder / filename, "start ComfyUI with a writable --temp-directory")
         records.append({"filename": filename, "subfolder": PACK_FOLDER, "type": "temp"})
     return records
 
@@ -100,5 +97,5 @@ class Progress:
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(total)
 
-    def update(self, value: int, total: int, preview: Image.Image | None = None) -> None:
-        self.bar.update_absolute(value, total, None if preview is None else ("JPEG", preview, PREVIEW_MAX_SIZE))
+    def update(self, value: int, total: int) -> None:
+        self.bar.update_absolute(value, total)

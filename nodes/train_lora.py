@@ -20,12 +20,13 @@ from ..training.optimizers import OPTIMIZERS
 from ..training.plots import loss_curve, save_png
 from ..training.progress import ProgressEvent
 from ..training.prompts import SamplePrompt, parse_prompts, preview_specs
+from ..training.run_folder import RUN_ID_KEY, free_adapter_path, prepare_run, run_lock
+from ..training.run_settings import run_settings
 from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
 from . import host
-from .comfy_io import conditioning_context, pil_to_image, tile, vae_latent_decoder
+from .comfy_io import conditioning_context, pil_to_image, vae_latent_decoder
 from .inference_mode import outside_inference_mode
-from .run_folder import prepare_run, run_fingerprint
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
     TrainingSet,
@@ -203,14 +204,16 @@ class TrainLoRA:
         cfg = train_config(widgets, extra_options)
         cfg.gradient_checkpointing = model.gradient_checkpointing
         specs = previews_for(model, dataset, sample_prompts, sample_conditioning, vae, cfg.seed) if cfg.sample_every else []
-        fingerprint = run_fingerprint(cfg.to_dict(), network.config.to_dict(), network.init_from,
-                                      dataset.fingerprint, model.base_hash)
-        inputs = {"train": cfg.to_dict(), "network": network.config.to_dict(), "dataset": dataset.summary,
-                  "base": model.name, "base_hash": model.base_hash}
-        continuing = prepare_run(run_dir, fingerprint, resume, inputs)
-        node = str(unique_id)
-        metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary}
+        settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, dataset.fingerprint,
+                                network.init_from)
+        with run_lock(run_dir, "TrainLoRA name"):
+            run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
+            return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id))
 
+    def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
+               specs: list[PreviewSpec], settings: dict, run, run_name: str, node: str):
+        run_dir = run.run_dir
+        metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id}
         progress = host.Progress(cfg.steps)
         samples: list[dict] = []
         token = secrets.token_hex(3)  # fresh file names per call, so the browser never shows stale previews
@@ -227,31 +230,34 @@ class TrainLoRA:
                          "captions": event.preview_captions}
                 samples.append(entry)
                 host.send("dit_trainer.samples", {"node": node, **entry})
-            # Last: ComfyUI's progress hook raises here when Cancel was pressed.
-            progress.update(event.step, event.total, tile(event.previews) if event.previews else None)
+            # Last: ComfyUI's progress hook raises here when Cancel was pressed. The samples reach the
+            # browser once, through the pack's gallery (a preview here would be drawn a second time).
+            progress.update(event.step, event.total)
 
         model.model.to(host.device())  # first: adapters are created on their layer's device
         lora = seeded_network(model.model, model.architecture, network.config, cfg.seed).attach()
         try:
-            if network.init_from is not None and not continuing:
+            if network.init_from is not None and not run.continuing:
                 report = load_adapter_into(lora, network.init_from)
                 log.info("TrainLoRA continues %s: %d layers loaded, %d not in the file (fresh)",
                          network.init_from.name, len(report.loaded), len(report.not_in_file))
                 for warning in report.warnings:
                     log.warning("TrainLoRA: %s", warning)
             result = train(model.model, lora, dataset.data, cfg, on_progress, specs, should_stop=host.interrupted,
-                           run_dir=run_dir, resume_from=run_dir if continuing else None, adapter_metadata=metadata)
+                           run_dir=run_dir, resume_from=run_dir if run.continuing else None,
+                           adapter_metadata=metadata, settings=settings)
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)
-            path, _ = save_trained_adapter(lora, host.model_folder("loras") / f"{run_name}.safetensors", result, cfg,
-                                           model.base_hash, metadata)
+            twins = ("", "_ema") if result.ema is not None else ("",)
+            target = free_adapter_path(host.model_folder("loras"), run_name, run.run_id, twins)
+            path, _ = save_trained_adapter(lora, target, result, cfg, model.base_hash, metadata)
         finally:
             lora.detach_from_model()
 
         curve = loss_curve(result.losses, title=f"{run_name} training loss")
         save_png(curve, run_dir / "samples" / "loss.png")
-        ui = {"images": samples[-1]["images"] if samples else [], "dit_trainer_losses": loss_points(result.losses),
-              "dit_trainer_samples": samples}
+        ui = {"dit_trainer_losses": loss_points(result.losses), "dit_trainer_samples": samples,
+              "dit_trainer_saved": [path.name]}
         trained = TrainedLora(Path(path), model.architecture, model.base_hash, run_dir)
         return {"ui": ui, "result": (trained, str(path), pil_to_image([curve]))}

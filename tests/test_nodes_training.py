@@ -70,46 +70,6 @@ def test_sample_reads_a_kohya_file_like_our_own(comfy_host, comfy_pack):
     assert torch.allclose(from_kohya, from_ours, atol=1e-5)
 
 
-def test_run_folder_continues_only_a_matching_run(comfy_pack, tmp_path):
-    run_folder = comfy_pack.nodes.run_folder
-    run_dir = tmp_path / "my_run"
-    assert run_folder.prepare_run(run_dir, "aaaa", True, {}) is False  # nothing to continue yet
-    state = run_dir / "checkpoints" / "step_000010" / "state.safetensors"
-    state.parent.mkdir(parents=True)
-    state.write_bytes(b"x")
-    assert run_folder.prepare_run(run_dir, "aaaa", True, {}) is True
-    assert state.is_file()
-    assert run_folder.prepare_run(run_dir, "bbbb", True, {}) is False  # other settings: start over
-    moved = [p for p in tmp_path.iterdir() if p.name.startswith("my_run.replaced-")]
-    assert len(moved) == 1 and (moved[0] / "checkpoints" / "step_000010" / "state.safetensors").is_file()
-    assert not (run_dir / "checkpoints").exists()
-    assert json.loads((run_dir / "dit_trainer_run.json").read_text())["fingerprint"] == "bbbb"
-
-
-def test_resume_off_moves_a_matching_run_aside_too(comfy_pack, tmp_path):
-    run_folder = comfy_pack.nodes.run_folder
-    run_dir = tmp_path / "r"
-    run_folder.prepare_run(run_dir, "aaaa", True, {})
-    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_000001" / "state.safetensors").write_bytes(b"x")
-    assert run_folder.prepare_run(run_dir, "aaaa", False, {}) is False
-    assert len([p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]) == 1
-
-
-def test_fingerprint_ignores_options_that_do_not_change_the_weights(comfy_pack):
-    fingerprint = comfy_pack.nodes.run_folder.run_fingerprint
-    train = {"lr": 1e-4, "steps": 100, "sample_every": 10, "save_every": 50, "keep_last": 3,
-             "gradient_checkpointing": False}
-    base = fingerprint(train, {"rank": 8}, None, "data", "hash")
-    assert fingerprint({**train, "sample_every": 0, "save_every": 10, "gradient_checkpointing": True},
-                       {"rank": 8}, None, "data", "hash") == base
-    for changed in (fingerprint({**train, "lr": 2e-4}, {"rank": 8}, None, "data", "hash"),
-                    fingerprint(train, {"rank": 16}, None, "data", "hash"),
-                    fingerprint(train, {"rank": 8}, None, "other data", "hash"),
-                    fingerprint(train, {"rank": 8}, None, "data", "other base")):
-        assert changed != base
-
-
 def test_run_names_cannot_leave_the_output_folder(comfy_pack):
     safe_name = comfy_pack.nodes.host.safe_name
     assert safe_name("../../etc/passwd", "name") == "etc_passwd"

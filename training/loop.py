@@ -187,6 +187,16 @@ def _check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
             )
 
 
+def resume_check(state: TrainState, settings: dict, cfg: TrainConfig, where: Path) -> dict[str, tuple]:
+    """The settings a resume from `state` changes (steps / lr); raises for any other difference."""
+    _check_resumable(state.config, cfg, where)
+    if "settings" in state.extra:
+        return resume_changes(state.extra["settings"], settings, where, state.step)
+    # Checkpoints from before settings were recorded: their train options are all there is.
+    saved = {"train": {k: v for k, v in state.config.items() if k not in FREE["train"]}}
+    return resume_changes(saved, {"train": settings["train"]}, where, state.step)
+
+
 def _all_finite(params: list[torch.Tensor]) -> bool:
     """One fused norm per tensor and a single sync: NaN / inf anywhere makes a norm non-finite."""
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all())
@@ -257,11 +267,7 @@ class _Run:
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
         where, state = load_resumable(self.resume_from)
-        _check_resumable(state.config, self.cfg, where)
-        saved = state.extra.get("settings") or {
-            "train": {k: v for k, v in state.config.items() if k not in FREE["train"]}}  # older checkpoints
-        current = self.settings if "settings" in state.extra else {"train": self.settings["train"]}
-        changes = resume_changes(saved, current, where, state.step)
+        changes = resume_check(state, self.settings, self.cfg, where)
         with torch.no_grad():
             try:
                 missing, unexpected = self.trainable.load_state_dict(state.trainable, strict=False)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .network.comfy_format import read_safetensors
+from .run_folder import RUN_ID_KEY
 
 MODES = ("beta", "linear", "sigma_rel")
 MAX_SIGMA_REL = 12**-0.5  # gamma = 0; larger sigma_rel has no gamma > 0
@@ -151,6 +152,20 @@ def _checkpoint_steps(paths: list[Path], metadata: list[dict[str, str]]) -> tupl
     return None, "given order"
 
 
+def _one_run(paths: list[Path], metas: list[dict[str, str]]) -> None:
+    """Refuse checkpoints of different training runs: by run id, or for older files by their network options."""
+    key = RUN_ID_KEY if all(meta.get(RUN_ID_KEY) for meta in metas) else "dit_trainer_network"
+    groups: dict[str | None, list[str]] = {}
+    for path, meta in zip(paths, metas):
+        groups.setdefault(meta.get(key), []).append(path.name)
+    if len(groups) > 1:
+        listed = "; ".join(", ".join(names[:3]) for names in groups.values())
+        raise ValueError(
+            f"these adapter files come from {len(groups)} different training runs ({listed}); a post-hoc EMA "
+            "averages the checkpoints of one run: pick the files of one run (one run folder)"
+        )
+
+
 def merge_adapter_files(
     paths: list[str | os.PathLike],
     mode: str = "beta",
@@ -168,6 +183,7 @@ def merge_adapter_files(
     if len(paths) < 2:
         raise ValueError(f"post-hoc EMA needs at least 2 checkpoint files, got {len(paths)}")
     loaded = [read_safetensors(path, "checkpoint adapter") for path in paths]
+    _one_run(paths, [meta for _, meta in loaded])
     steps, order_source = _checkpoint_steps(paths, [meta for _, meta in loaded])
     order = list(range(len(paths)))
     if steps is not None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .checkpoint import resumable_checkpoints
+from .run_settings import fingerprint as settings_fingerprint
 from .storage import OUTPUT_FIX, atomic_write, make_dir, os_errors, read_metadata
 
 log = logging.getLogger(__name__)
@@ -120,21 +121,32 @@ def _move_aside(run_dir: Path) -> Path:
     return aside
 
 
-def prepare_run(run_dir: str | os.PathLike, fingerprint: str, resume: bool, settings: dict) -> PreparedRun:
-    """Make `run_dir` ready for a run with `fingerprint` (call it while holding `run_lock`)."""
+def prepare_run(run_dir: str | os.PathLike, settings: dict, resume: bool, about: dict | None = None) -> PreparedRun:
+    """Make `run_dir` ready for a run with these settings (run_settings.py); call it while holding `run_lock`.
+    `about` is recorded beside them for people (dataset summary, base model name)."""
     run_dir = Path(run_dir)
     record = read_record(run_dir)
+    fingerprint = settings_fingerprint(settings)
     continuing = resume and bool(resumable_checkpoints(run_dir)) and record.get("fingerprint") == fingerprint
     moved = None
     if not continuing and run_dir.exists() and any(run_dir.iterdir()):
         moved = _move_aside(run_dir)
         why = "resume is off" if resume is False else "it had other settings"
         log.warning("the earlier run in %s was moved to %s (%s); nothing was deleted", run_dir, moved, why)
-    run_id = record.get("run_id") if continuing and record.get("run_id") else secrets.token_hex(8)
+    run_id = record.get("run_id") if continuing else None
+    return record_run(run_dir, run_id, settings, about, continuing, moved)
+
+
+def record_run(run_dir: Path, run_id: str | None, settings: dict, about: dict | None, continuing: bool,
+               moved_aside: Path | None = None) -> PreparedRun:
+    """Write the run's record (a new run id when `run_id` is empty) and describe the prepared run."""
+    run_id = run_id or secrets.token_hex(8)
     make_dir(run_dir, OUTPUT_FIX)
-    payload = json.dumps({"run_id": run_id, "fingerprint": fingerprint, "settings": settings}, indent=1, default=str)
+    record = {"run_id": run_id, "fingerprint": settings_fingerprint(settings), "settings": settings,
+              "about": about or {}}
+    payload = json.dumps(record, indent=1, default=str)
     atomic_write(run_dir / RECORD, lambda temp: temp.write_text(payload, encoding="utf-8"), OUTPUT_FIX)
-    return PreparedRun(run_dir, run_id, continuing, moved)
+    return PreparedRun(run_dir, run_id, continuing, moved_aside)
 
 
 def written_by(path: Path, run_id: str) -> bool:

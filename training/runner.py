@@ -1,10 +1,15 @@
-"""`dit-trainer train` / `resume`: a RunConfig in, a trained adapter out.
+"""`dit-trainer train` / `resume`: a RunConfig in, a trained adapter out, with TrainLoRA's run rules.
 
 The CLI holds no text encoder or VAE of a real model (the engine takes tensors; in
 ComfyUI the connected CLIP and VAE encode). So with a real checkpoint the dataset must
 already be in the on-disk caches that DatasetFromFolder wrote with the same settings
 (`[data] encoder_id` names them); with the embedded demo model the demo's own encoder
 and pixel VAE encode everything here.
+
+The run folder `<[output] dir>/<[output] name>/` follows run_folder.py: it is locked for
+the run; `train` continues a run with the same settings (a finished one returns at once)
+and moves a run with other settings aside; `train --restart` moves any run aside;
+`resume` continues the run and refuses settings that differ, except steps and lr.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_resumable, resumable_checkpoints
 from .data.config import DataConfig
+from .data.files import dataset_fingerprint
 from .data.folder_dataset import FolderDataset
-from .demo.dataset_folder import write_demo_dataset
+from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
 from .encoders import Encoders
-from .loop import PreviewSpec, TrainResult, save_trained_adapter, train
+from .loop import PreviewSpec, TrainResult, resume_check, save_trained_adapter, train
 from .models.latent_formats import FLUX
 from .models.loader import load_dit
 from .network.network import seeded_network
@@ -27,14 +34,19 @@ from .plots import loss_curve, save_png
 from .progress import ProgressCallback
 from .prompts import SamplePrompt, parse_prompts, preview_specs
 from .run_config import DEMO, RunConfig
+from .run_folder import RUN_ID_KEY, PreparedRun, prepare_run, read_record, record_run, run_lock
+from .run_settings import run_settings
+from .storage import OUTPUT_FIX
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("train", "restart", "resume")
+DEMO_DATASET_FOLDER = "embedded-demo-dataset"  # beside the run folders: it is input, not part of a run
 
 
 @dataclass
 class RunResult:
-    adapter_path: Path
+    adapter_path: Path | None  # None when the run stopped early: its checkpoint holds the adapter
     ema_adapter_path: Path | None
     loss_plot: Path
     run_dir: Path
@@ -96,36 +108,70 @@ def build_previews(cfg: RunConfig, encoders: Encoders) -> list[PreviewSpec]:
     return preview_specs(prompts, encoders) if prompts else []
 
 
-def dataset_for_run(cfg: RunConfig, encoders: Encoders) -> FolderDataset:
-    folder = cfg.data.folder
-    if folder == DEMO:
-        folder = write_demo_dataset(cfg.output.run_dir / "demo_dataset", seed=cfg.train.seed)
+def dataset_folder(cfg: RunConfig) -> Path:
+    """The dataset folder; the demo's is written (once) beside the run folders."""
+    if cfg.data.folder == DEMO:
+        return write_demo_dataset(Path(cfg.output.dir) / DEMO_DATASET_FOLDER, DEMO_IMAGES, seed=cfg.train.seed)
+    return Path(cfg.data.folder)
+
+
+def dataset_for_run(folder: Path, cfg: RunConfig, encoders: Encoders) -> FolderDataset:
     data = FolderDataset.from_folder(
         folder, DataConfig(**cfg.data.options), encoders.encode_images, encoders.encode_text,
         encoders.latent_downscale, encoders.encoder_id,
     )
-    log.info("%s", data.summary())
     return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
 
 
-def run_training(cfg: RunConfig, resume: bool = False, on_progress: ProgressCallback | None = None) -> RunResult:
-    model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
-    network = seeded_network(model, model.architecture, cfg.network.config, cfg.train.seed).attach()
-    if cfg.network.continue_from and not resume:
-        from .network.importer import load_adapter_into
+def _resume_run(run_dir: Path, settings: dict, cfg: RunConfig, about: dict) -> PreparedRun:
+    """`resume`: the run must exist; its settings may differ only in steps and lr (checked before training)."""
+    if not resumable_checkpoints(run_dir):
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: it has no resumable checkpoint; "
+                                "start the run with `dit-trainer train`")
+    where, state = load_resumable(run_dir)
+    resume_check(state, settings, cfg.train, where)
+    return record_run(run_dir, read_record(run_dir).get("run_id"), settings, about, continuing=True)
 
-        log.info("%s", load_adapter_into(network, cfg.network.continue_from))
-    encoders = encoders_for(cfg)
-    data = dataset_for_run(cfg, encoders)
-    previews = build_previews(cfg, encoders)
 
+def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallback | None = None) -> RunResult:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
     run_dir = cfg.output.run_dir
-    result = train(
-        model, network, data, cfg.train, on_progress, previews,
-        run_dir=run_dir, resume_from=run_dir if resume else None,
-    )
-    adapter_path, ema_path = save_trained_adapter(
-        network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash
-    )
-    plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png")
+    with run_lock(run_dir, "[output] name"):
+        model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
+        encoders = encoders_for(cfg)
+        folder = dataset_folder(cfg)
+        data_cfg = DataConfig(**cfg.data.options)
+        identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
+                                       cfg.data.mask_min_weight)
+        settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
+                                cfg.network.continue_from or None)
+        about = {"dataset": str(folder), "base": cfg.model.checkpoint}
+        if mode == "resume":
+            run = _resume_run(run_dir, settings, cfg, about)
+        else:
+            run = prepare_run(run_dir, settings, resume=mode == "train", about=about)
+        if run.continuing and mode == "train":
+            log.info("continuing the run in %s (same settings; `--restart` starts over)", run_dir)
+
+        network = seeded_network(model, model.architecture, cfg.network.config, cfg.train.seed).attach()
+        if cfg.network.continue_from and not run.continuing:
+            from .network.importer import load_adapter_into
+
+            log.info("%s", load_adapter_into(network, cfg.network.continue_from))
+        data = dataset_for_run(folder, cfg, encoders)
+        log.info("%s", data.summary())
+        metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id}
+        result = train(
+            model, network, data, cfg.train, on_progress, build_previews(cfg, encoders),
+            run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
+            settings=settings,
+        )
+        adapter_path = ema_path = None
+        if not result.stopped_early:
+            adapter_path, ema_path = save_trained_adapter(
+                network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash, metadata
+            )
+        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png",
+                        OUTPUT_FIX)
     return RunResult(adapter_path, ema_path, plot, run_dir, result)

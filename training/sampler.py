@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .size_checks import check_attention_fits
 from .timesteps import shift_sigma
 
 
@@ -35,6 +36,10 @@ def sample_euler(
     x = noise
     batch = noise.shape[0]
     use_cfg = cfg != 1.0 and neg_context is not None
+    text_tokens = max(context.shape[1], 0 if neg_context is None else neg_context.shape[1])
+    check_attention_fits(model, batch * (2 if use_cfg else 1), tuple(noise.shape[-2:]), text_tokens, noise.device,
+                         f"sampling {batch} latent(s) of {noise.shape[-1]}x{noise.shape[-2]}",
+                         "use a smaller width / height or fewer prompts at once (or sample on a GPU)")
     for i in range(steps):
         sigma = sigmas[i].expand(batch)
         if use_cfg:

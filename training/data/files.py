@@ -26,7 +26,10 @@ wrong pixels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,3 +139,23 @@ def scan_folder(folder: Path, cfg: DataConfig) -> list[ImageFile]:
             "subfolder; add one with a mask per image (same stem), or use masks='auto' / 'alpha' / 'none'"
         )
     return images
+
+
+def folder_state(folder: Path) -> str:
+    """Names, sizes and modification times of every file below `folder` (hidden files and caches excluded):
+    a cheap identity of a dataset folder, which changes when anything in it is edited."""
+    digest = hashlib.sha256(str(folder).encode())
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = os.path.join(dirpath, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(folder: Path, cfg: DataConfig, encoder_id: str, *extra) -> str:
+    """Identity of an encoded dataset: the folder's files, the data options, the encoders (and `extra`,
+    e.g. mask weighting), so a run knows when its data changed."""
+    payload = json.dumps([str(folder), folder_state(folder), cfg.to_dict(), encoder_id, *extra], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

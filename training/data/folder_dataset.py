@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..size_checks import check_latent_cache, check_upscale
 from .buckets import ImageTooSmall, Placement, Size, place_image
 from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
 from .captions import fixed_caption, process_caption
@@ -94,14 +95,41 @@ def _image_space_mask(source: str, mask_bytes: bytes, alpha: torch.Tensor | None
     return None
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """An image whose header was read: its displayed size and where it lands."""
+
+    file: ImageFile
+    size: Size
+    placement: Placement
+
+
+def _plan(file: ImageFile, cfg: DataConfig) -> _Planned:
+    try:
+        info = read_info(file.path)
+    except Exception as error:  # PIL raises many types for broken files; all mean "skip this image"
+        raise _Unusable(f"unreadable: {error}") from error
+    try:
+        return _Planned(file, info.size, place_image(info.size, cfg))
+    except ImageTooSmall as error:
+        raise _Unusable(str(error)) from error
+
+
+def _check_sizes(planned: list[_Planned], cfg: DataConfig, downscale: int, latent_folder: Path | None) -> None:
+    """Before anything is encoded or written: no absurd enlargement, and room for the latents."""
+    fix = f"lower resolution (now {cfg.resolution}) or max_side, or set no_upscale"
+    check_upscale([(p.file.path, p.size, p.placement.resized) for p in planned], fix)
+    check_latent_cache([p.placement.bucket for p in planned], downscale, latent_folder, fix)
+
+
 def _load_or_encode(
-    file: ImageFile, cfg: DataConfig, encode_images: ImageEncoder, downscale: int, encoder_id: str,
-    latent_folder: Path | None,
+    planned: _Planned, encode_images: ImageEncoder, downscale: int, encoder_id: str, latent_folder: Path | None,
 ) -> _Encoded:
+    file, placement = planned.file, planned.placement
     try:
         image_bytes = file.path.read_bytes()
         info = read_info(image_bytes)
-    except Exception as error:  # PIL raises many types for broken files; all mean "skip this image"
+    except Exception as error:  # changed since it was planned
         raise _Unusable(f"unreadable: {error}") from error
     mask_bytes = b""
     if file.mask_source == "file":
@@ -117,10 +145,6 @@ def _load_or_encode(
                 f"mask {file.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {file.path} is "
                 f"{info.size[0]}x{info.size[1]}; masks must have the size of their image"
             )
-    try:
-        placement = place_image(info.size, cfg)
-    except ImageTooSmall as error:
-        raise _Unusable(str(error)) from error
     latent_size = (placement.bucket[1] // downscale, placement.bucket[0] // downscale)
 
     key = latent_key(encoder_id, downscale, image_bytes, file.mask_source, mask_bytes, placement)
@@ -174,6 +198,7 @@ class FolderDataset:
         self._latents = [e.latents for e in encoded]
         self._masks = [e.mask for e in encoded]
         self._weights: list[torch.Tensor] | None = None  # (1, h, w) per item once weighting is on
+        self._mask_gamma, self._mask_min_weight = 1.0, 0.0
         self._text = text_cache
         self._latent_downscale = latent_downscale
         self._skipped = skipped
@@ -201,15 +226,21 @@ class FolderDataset:
         cache_dir = folder / DEFAULT_CACHE_FOLDER if cfg.cache_dir is None else Path(cfg.cache_dir)
         to_disk = cfg.cache_latents_to_disk
 
-        encoded: list[_Encoded] = []
+        latent_folder = cache_dir / "latents" if to_disk else None
+        planned: list[_Planned] = []
         skipped: list[tuple[Path, str]] = []
         for file in scan_folder(folder, cfg):
             try:
-                encoded.append(_load_or_encode(
-                    file, cfg, encode_images, latent_downscale, encoder_id, cache_dir / "latents" if to_disk else None,
-                ))
+                planned.append(_plan(file, cfg))
             except _Unusable as reason:
                 skipped.append((file.path, str(reason)))
+        _check_sizes(planned, cfg, latent_downscale, latent_folder)
+        encoded: list[_Encoded] = []
+        for item in planned:
+            try:
+                encoded.append(_load_or_encode(item, encode_images, latent_downscale, encoder_id, latent_folder))
+            except _Unusable as reason:
+                skipped.append((item.file.path, str(reason)))
         if skipped:
             log.warning(
                 "skipped %d image(s) in %s that cannot be used: %s", len(skipped), folder,
@@ -305,6 +336,7 @@ class FolderDataset:
             dataclasses.replace(item, has_mask=m is not None) for item, m in zip(self.items, latent_masks)
         ]
         weighted._masks = latent_masks
+        weighted._mask_gamma, weighted._mask_min_weight = gamma, min_weight
         if all(m is None for m in latent_masks):
             log.warning("no dataset item has a mask, so batches carry no loss weights")
             weighted._weights = None
@@ -313,6 +345,8 @@ class FolderDataset:
                 torch.ones(1, *lat.shape[-2:]) if m is None else mask_weights(m, gamma, min_weight)
                 for m, lat in zip(latent_masks, self._latents)
             ]
+            log.info("loss weighted by masks on %d of %d images (gamma %g, weight outside the mask %g)",
+                     sum(m is not None for m in latent_masks), len(latent_masks), gamma, min_weight)
         return weighted
 
     def _override_masks(self, masks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -353,7 +387,11 @@ class FolderDataset:
             lines.append(f"missing captions: {len(missing)} (default caption {self.cfg.default_caption!r} used): "
                          f"{name_list(missing)}")
         n_masks = sum(item.has_mask for item in self.items)
-        use = "used as loss weights" if self._weights is not None else "not used until mask weighting is added"
+        if self._weights is not None:
+            use = f"used as loss weights, gamma {self._mask_gamma:g}, weight outside {self._mask_min_weight:g}"
+        else:
+            use = ("not weighting the loss: apply mask weights to use them (WeightedMask in ComfyUI, "
+                   "[data] mask_gamma / mask_min_weight in a TOML config)") if n_masks else "loss unweighted"
         lines.append(f"masks: {n_masks} of {len(self.items)} images ({use})")
         if self._skipped:
             lines.append(f"skipped: {len(self._skipped)} unusable image(s): {name_list([p for p, _ in self._skipped])}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,16 +24,16 @@ class ImageInfo:
     has_alpha: bool
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(source: bytes | Path) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except UnidentifiedImageError:
         raise ValueError("not an image format Pillow can read") from None
 
 
-def read_info(data: bytes) -> ImageInfo:
-    """Size and alpha from the header only; raises if the bytes are not an image."""
-    with _open(data) as image:
+def read_info(source: bytes | Path) -> ImageInfo:
+    """Size and alpha from the header only (of the bytes, or of the file); raises if it is not an image."""
+    with _open(source) as image:
         width, height = image.size
         if image.getexif().get(ExifTags.Base.Orientation) in _SIDEWAYS_ORIENTATIONS:
             width, height = height, width

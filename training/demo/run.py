@@ -24,7 +24,7 @@ from ..data.latents import LatentDataset
 from ..loop import PreviewSpec, TrainResult, render_previews, train
 from ..models.loader import load_dit
 from ..network.comfy_format import save_adapter
-from ..network.network import LoRANetwork, NetworkConfig
+from ..network.network import NetworkConfig, seeded_network
 from ..plots import image_grid, loss_curve, save_png
 from ..progress import ProgressCallback
 from ..timesteps import TimestepConfig
@@ -95,8 +95,10 @@ def run_demo(
     if not Path(base_checkpoint).is_file():
         raise missing_checkpoint_error()
     model = load_dit(base_checkpoint)
-    network = LoRANetwork(
-        model, "zimage", NetworkConfig(algo="dora", dora_axis="input", rank=settings.rank, alpha=settings.alpha)
+    # Seeded, so two runs of the demo train the same adapter and print the same score.
+    network = seeded_network(
+        model, "zimage", NetworkConfig(algo="dora", dora_axis="input", rank=settings.rank, alpha=settings.alpha),
+        settings.seed,
     ).attach()
 
     cfg = TrainConfig(

@@ -34,7 +34,7 @@ import torch
 from .key_names import COMFY_PREFIX, KOHYA_PREFIX, PEFT_PREFIX, Alias, diffusers_aliases
 from .lora import DORA_EPS
 from .network import LoRANetwork
-from ..storage import atomic_save_safetensors
+from ..storage import atomic_save_safetensors, finite_or_raise
 
 EXPORT_STYLES = ("comfy", "kohya", "peft")
 
@@ -149,4 +149,5 @@ def export_adapter(
 ) -> Path:
     """Write the network's adapter file (atomically) in key style `style` (see EXPORT_STYLES)."""
     tensors = adapter_state_dict(network, dtype, style)
+    finite_or_raise(tensors, f"the adapter for {path}")  # never write a file ComfyUI would turn into noise
     return atomic_save_safetensors(tensors, path, adapter_metadata(network, base_hash, extra_metadata, style))

@@ -33,7 +33,7 @@ from ...kernels.dora import dora_weight_norm
 from .key_names import COMFY_PREFIX, TEXT_ENCODER_PREFIXES, Alias, diffusers_aliases, key_forms, split_key
 from .lora import DORA_EPS, weight_scale_of
 from .network import LoRANetwork
-from ..storage import read_safetensors
+from ..storage import NonFiniteError, finite_or_raise, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,10 @@ def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportRe
     """Load a LoRA / DoRA file of any supported key style into `network`; see the module docstring."""
     path = str(path)
     tensors, meta = read_safetensors(path, "adapter file")
+    try:
+        finite_or_raise(tensors, f"adapter file {path}")
+    except NonFiniteError as error:
+        raise ValueError(f"{error}: the file is broken (a diverged run saved it); use an earlier checkpoint") from None
     adapters = network.by_name()
     table = alias_table(network.architecture, {name: adapter.base for name, adapter in adapters.items()})
     pieces, styles, ignored, unknown = group_file(path, tensors, table)

@@ -21,7 +21,7 @@ from ..training.demo.encoders import demo_encoders
 from ..training.demo.model import demo_text_encoder
 from ..training.demo.pixel_vae import PixelVAE
 from ..training.encoders import Encoders, ImageEncoder, LatentDecoder, TextEncoder
-from .inference_mode import comfy_call, normal
+from .inference_mode import comfy_call
 from .sockets import DitModel
 
 
@@ -52,7 +52,7 @@ def _pad_states(states: list[torch.Tensor], lengths: list[int]) -> tuple[torch.T
 
 def _trim(states: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """[1, L, D] encoder output -> ([L, D] float32 CPU, valid tokens), honouring an attention mask."""
-    states = normal(states[0].detach().float().cpu())
+    states = states[0].detach().float().cpu()
     mask = extra.get("attention_mask")
     length = int(mask.sum()) if mask is not None else states.shape[0]
     return states[:length], max(length, 1)

@@ -11,9 +11,9 @@ MASK). The rules of the pack:
   trained against later, with autograd on. SampleWithLoRA and EMAMerge only read, and
   stay inside it as every ComfyUI node does.
 * ComfyUI's own CLIP and VAE are always called inside inference mode (`comfy_call`), as
-  any core node calls them, and what they return is cloned into a normal tensor.
-* Tensors that arrive from core nodes are passed through `normal` before the pack
-  keeps them.
+  any core node calls them, also when TrainLoRA re-encodes a caption or decodes a preview.
+* What arrives from core nodes (CONDITIONING, MASK) is never kept as it came: the nodes
+  keep their own copies (padded, resized), made outside inference mode.
 """
 
 from __future__ import annotations
@@ -24,14 +24,6 @@ from typing import Any, Callable, TypeVar
 import torch
 
 F = TypeVar("F", bound=Callable)
-
-
-def normal(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` itself, or a normal-tensor copy of an inference tensor."""
-    if not tensor.is_inference():
-        return tensor
-    with torch.inference_mode(False):
-        return tensor.clone()
 
 
 def outside_inference_mode(method: F) -> F:
@@ -45,20 +37,7 @@ def outside_inference_mode(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def normal_tree(value: Any) -> Any:
-    """`normal` applied to every tensor in nested dicts / lists / tuples (a CONDITIONING, a CLIP output)."""
-    if isinstance(value, torch.Tensor):
-        return normal(value)
-    if isinstance(value, dict):
-        return {k: normal_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(normal_tree(v) for v in value)
-    return value
-
-
 def comfy_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a ComfyUI model (VAE encode / decode, CLIP encode) as ComfyUI does, in inference
-    mode, and hand back normal tensors the engine may train on."""
+    """Call a ComfyUI model (VAE encode / decode, CLIP encode) as ComfyUI does, in inference mode."""
     with torch.inference_mode():
-        out = function(*args, **kwargs)
-    return normal_tree(out)
+        return function(*args, **kwargs)

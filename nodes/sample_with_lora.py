@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from ..training.network.comfy_format import load_adapter, read_safetensors
 from ..training.network.file_config import config_for_file
 from ..training.network.network import LoRANetwork
-from ..training.sampler import sample_euler
+from ..training.sampler import check_sampling_fits, sample_euler
 from . import host
 from .comfy_io import conditioning_context, image_decoder_for, pil_to_image, text_encoder_for
 from .sockets import CATEGORY, DITT_LORA, DITT_MODEL, DitModel, TrainedLora
@@ -119,6 +119,8 @@ class SampleWithLoRA:
         model.model.to(device)  # first: adapters are created on their layer's device
         network = None if path is None else network_for_file(model, path)
         shape = (model.latent_format.channels, height // downscale, width // downscale)
+        check_sampling_fits(model.model, (batch, *shape), context.shape[1], None if neg_context is None else
+                            neg_context.shape[1], cfg, device, f"{node} at {width}x{height}")
         # One seed per image (seed + index), so image i is the same whatever the batch size.
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
         if network is not None:

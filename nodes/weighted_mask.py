@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from .inference_mode import normal, outside_inference_mode
+from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_DATASET, TrainingSet
 
 
@@ -54,7 +54,7 @@ class WeightedMask:
 
     @outside_inference_mode  # the loss weights take part in backward
     def apply(self, dataset: TrainingSet, mask_gamma: float, mask_min_weight: float, mask: torch.Tensor | None = None):
-        masks = None if mask is None else masks_per_item(normal(mask), len(dataset.data.items))
+        masks = None if mask is None else masks_per_item(mask, len(dataset.data.items))
         weighted = dataset.data.with_mask_weights(mask_gamma, mask_min_weight, masks)
         mask_hash = "" if mask is None else hashlib.sha256(mask.detach().float().cpu().numpy().tobytes()).hexdigest()
         fingerprint = hashlib.sha256(

@@ -73,3 +73,19 @@ def test_demo_adapter_is_reproduced_by_comfyui_merge_math(demo):
 def test_cli_lists_the_demo_command():
     out = subprocess.run([sys.executable, "-m", "dit_trainer.training.cli", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout
+
+
+def test_two_fresh_processes_train_bit_identical_adapters(tmp_path):
+    """The adapter's random init is seeded: `dit-trainer demo` gives the same adapter and score every time."""
+    runs = []
+    for name in ("first", "second"):
+        done = subprocess.run([sys.executable, "-m", "dit_trainer.training.cli", "demo", "--steps", "30", "--out",
+                               str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores = [line for line in done.stdout.splitlines() if line.startswith(("  base ", "  adapter "))]
+        with safe_open(str(tmp_path / name / "demo_magenta_dora.safetensors"), framework="pt") as f:
+            runs.append((scores, {k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
+    (scores_a, tensors_a, meta_a), (scores_b, tensors_b, meta_b) = runs
+    assert len(scores_a) == 2 and scores_a == scores_b
+    assert tensors_a.keys() == tensors_b.keys() and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+    assert meta_a == meta_b

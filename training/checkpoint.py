@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .storage import OUTPUT_FIX, open_safetensors, os_errors, replace_dir, staging_dir
+from .storage import OUTPUT_FIX, give_normal_permissions, open_safetensors, os_errors, replace_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def save_state(directory: str | os.PathLike, state: TrainState, files: dict[str,
         }
         with os_errors("write the checkpoint", tmp / STATE_FILE, OUTPUT_FIX):
             save_file(tensors, str(tmp / STATE_FILE), metadata=meta)
+            give_normal_permissions(tmp / STATE_FILE)
             for name, source in (files or {}).items():
                 shutil.move(str(source), str(tmp / name))
         replace_dir(tmp, directory, OUTPUT_FIX)

@@ -53,7 +53,7 @@ from .network.network import LoRANetwork
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
 from .progress import ProgressCallback, ProgressEvent, StepClock
 from .run_settings import FREE, resume_changes, run_settings
-from .sampler import sample_euler
+from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
 from .timesteps import sample_sigmas
@@ -84,6 +84,7 @@ class PreviewSpec:
     shift: float = 3.0
     seed: int = 0
     captions: list[str] = field(default_factory=list)  # one per prompt, shown beside the images
+    label: str = ""  # names the preview in errors, e.g. "preview 'a cat' at 1024x1024"
 
 
 @dataclass
@@ -263,6 +264,11 @@ class _Run:
                     if cfg.ema_decay else None)
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
+        if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
+            for spec in self.specs:
+                negative = None if spec.neg_context is None else spec.neg_context.shape[1]
+                check_sampling_fits(self.model, (spec.context.shape[0], *spec.latent_shape), spec.context.shape[1],
+                                    negative, spec.cfg, self.accelerator.device, spec.label)
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""

@@ -102,6 +102,7 @@ def preview_specs(prompts: list[SamplePrompt], encoders: Encoders) -> list[Previ
                 shift=p.shift,
                 seed=p.seed,
                 captions=[p.prompt],
+                label=f"preview {p.prompt!r} at {p.width}x{p.height}",
             )
         )
     return specs

@@ -19,6 +19,17 @@ def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
 
 
+def check_sampling_fits(model: torch.nn.Module, latent_shape: tuple[int, ...], context_tokens: int,
+                        neg_tokens: int | None, cfg: float, device: torch.device, what: str = "") -> None:
+    """Refuse a sample whose attention cannot fit (size_checks.check_attention_fits) before any step runs;
+    `what` names it for the user (its pixel size), else the latent size is given."""
+    batch, (height, width) = latent_shape[0], latent_shape[-2:]
+    use_cfg = cfg != 1.0 and neg_tokens is not None
+    check_attention_fits(model, batch * (2 if use_cfg else 1), (height, width), max(context_tokens, neg_tokens or 0),
+                         device, what or f"sampling {batch} latent(s) of {width}x{height}",
+                         "use a smaller width / height or fewer prompts at once (or sample on a GPU)")
+
+
 @torch.no_grad()
 def sample_euler(
     model: Callable[..., torch.Tensor],
@@ -36,10 +47,8 @@ def sample_euler(
     x = noise
     batch = noise.shape[0]
     use_cfg = cfg != 1.0 and neg_context is not None
-    text_tokens = max(context.shape[1], 0 if neg_context is None else neg_context.shape[1])
-    check_attention_fits(model, batch * (2 if use_cfg else 1), tuple(noise.shape[-2:]), text_tokens, noise.device,
-                         f"sampling {batch} latent(s) of {noise.shape[-1]}x{noise.shape[-2]}",
-                         "use a smaller width / height or fewer prompts at once (or sample on a GPU)")
+    check_sampling_fits(model, tuple(noise.shape), context.shape[1], None if neg_context is None else neg_context.shape[1],
+                        cfg, noise.device)
     for i in range(steps):
         sigma = sigmas[i].expand(batch)
         if use_cfg:

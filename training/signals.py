@@ -135,10 +135,12 @@ def _chain(previous, signum: int, frame) -> None:
 
 
 def install_host_handlers(timeout: float = HOST_SAVE_TIMEOUT_S) -> bool:
-    """See the module docstring; False (and nothing installed) off the main thread."""
+    """See the module docstring; False (and nothing installed) off the main thread or when already installed."""
     if not _on_main_thread():
         return False
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    if any(getattr(h, "dit_trainer_host_handler", False) for h in previous.values()):
+        return False  # the pack was imported again (a reload): one layer is enough
 
     def handler(signum: int, frame) -> None:
         if stop_requested() is None and request_stop(_name(signum)):
@@ -148,6 +150,7 @@ def install_host_handlers(timeout: float = HOST_SAVE_TIMEOUT_S) -> bool:
                 log.error("the training did not stop within %.0f s; stopping anyway", timeout)
         _chain(previous[signum], signum, frame)
 
+    handler.dit_trainer_host_handler = True
     for s in STOP_SIGNALS:
         signal.signal(s, handler)
     return True

@@ -94,6 +94,11 @@ def make_dir(path: str | os.PathLike, fix: str = "") -> Path:
     return path
 
 
+def give_normal_permissions(path: str | os.PathLike) -> None:
+    """0666 minus the umask (safetensors and mkstemp create files readable by their owner only)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fix: str = "") -> Path:
     """Call `write(temp_path)`, then move the result to `path`; on any failure nothing is left behind."""
     path = Path(path)
@@ -105,7 +110,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fix: st
         os.close(handle)
         try:
             write(Path(temp))
-            os.chmod(temp, 0o666 & ~_UMASK)
+            give_normal_permissions(temp)
             os.replace(temp, path)
         except BaseException:
             Path(temp).unlink(missing_ok=True)

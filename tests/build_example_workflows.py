@@ -33,6 +33,7 @@ FRONTEND_VERSION = "1.27.10"
 VIRTUAL = {"MarkdownNote"}
 COLUMN_GAP, ROW_GAP, TOP_LEFT = 60, 40, (40, 60)
 SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT = 20, 24, 84
+EXTENSION_HEIGHT = {"TrainLoRA": 300}  # the web extension's chart + gallery (web/lib/view.js VIEW_MIN_HEIGHT)
 THUMBNAIL_SIZE = (768, 432)
 OPTIONAL_SHAPE = 7  # LiteGraph's hollow circle, which the frontend uses for optional inputs
 
@@ -57,11 +58,12 @@ class Node:
 
 @dataclass
 class Graph:
-    stem: str
+    stem: str  # the file name, which is also the title ComfyUI's Templates dialog shows
     heading: str  # thumbnail title
     nodes: list[Node]
     links: list[tuple[str, str, str, str]]  # (from node, output name, to node, input name)
     notes: list[tuple[int, str]] = field(default_factory=list)  # (column, markdown) MarkdownNote nodes
+    demo: bool = False  # the embedded demo: its thumbnail comes from a real run
 
 
 def object_info() -> dict:
@@ -107,8 +109,8 @@ def _socket_inputs(definition: dict) -> list[tuple[str, str, bool]]:
     return sockets
 
 
-def _height(n_inputs: int, n_outputs: int, specs: list[workflow_format.WidgetSpec]) -> int:
-    height = max(n_inputs, n_outputs, 1) * SLOT_HEIGHT + 12
+def _height(node_type: str, n_inputs: int, n_outputs: int, specs: list[workflow_format.WidgetSpec]) -> int:
+    height = max(n_inputs, n_outputs, 1) * SLOT_HEIGHT + 12 + EXTENSION_HEIGHT.get(node_type, 0)
     for w in specs:
         multiline = w.type == "STRING" and w.options.get("multiline")
         height += MULTILINE_HEIGHT if multiline else WIDGET_HEIGHT
@@ -134,7 +136,7 @@ def build(graph: Graph, info: dict) -> dict:
             {"name": name, "type": kind, "links": [], "slot_index": slot}
             for slot, (name, kind) in enumerate(zip(definition["output_name"], definition["output"]))
         ]
-        sizes[node.key] = [node.width, _height(len(inputs[node.key]), len(outputs[node.key]), specs)]
+        sizes[node.key] = [node.width, _height(node.type, len(inputs[node.key]), len(outputs[node.key]), specs)]
 
     links = []
     for link_id, (src, out_name, dst, in_name) in enumerate(graph.links, start=1):
@@ -211,6 +213,8 @@ def build(graph: Graph, info: dict) -> dict:
 
 # --- the example graphs ---------------------------------------------------------------
 
+# ComfyUI's Templates dialog titles a pack's examples by their file names, so the names are titles.
+DEMO_STEM = "Embedded demo, DoRA learns a new colour (CPU, no downloads)"
 DEMO_PROMPTS = "\n".join(f"a magenta {shape} --l 4 --fs 1 --s 20" for shape in ("circle", "square", "triangle", "diamond"))
 DEMO_SAMPLE = {"prompt": "a magenta circle\na magenta square\na magenta triangle\na magenta diamond",
                "width": 32, "height": 32, "steps": 20, "cfg": 4.0, "shift": 1.0, "seed": 1000}
@@ -227,7 +231,7 @@ ZIMAGE_TRAIN = {"steps": 2000, "lr": 1e-4, "schedule": "cosine", "warmup_steps":
 
 def demo_graph() -> Graph:
     return Graph(
-        "demo_embedded_dora",
+        DEMO_STEM,
         "Embedded demo: DoRA on a tiny Z-Image (CPU)",
         [
             Node("model", "LoadDiT", 0, {"checkpoint": "[embedded demo] dit_trainer_demo", "weight_dtype": "fp32"}),
@@ -268,6 +272,7 @@ def demo_graph() -> Graph:
               "**magenta**.\nTrainLoRA teaches magenta with a rank-8 DoRA in 300 steps\n(a few minutes on a CPU), "
               "with previews every 50 steps.\nEMAMerge averages the checkpoints; the two samplers compare\nthe "
               "base (strength 0) with the trained adapter.")],
+        demo=True,
     )
 
 
@@ -275,7 +280,7 @@ def zimage_graph() -> Graph:
     sample = {"prompt": "a photo of sks person in a garden", "width": 1024, "height": 1024, "steps": 8,
               "cfg": 1.0, "shift": 3.0, "seed": 1}
     return Graph(
-        "zimage_lora_training",
+        "Z-Image LoRA training, base and LoRA side by side",
         "Z-Image LoRA training + base / LoRA grid",
         [
             Node("model", "LoadDiT", 0, {"checkpoint": ZIMAGE_CHECKPOINT, "gradient_checkpointing": True}),
@@ -319,7 +324,7 @@ def zimage_graph() -> Graph:
 
 def masked_dora_graph() -> Graph:
     return Graph(
-        "zimage_masked_dora",
+        "Z-Image DoRA with a masked loss",
         "Z-Image DoRA with a masked loss",
         [
             Node("model", "LoadDiT", 0, {"checkpoint": ZIMAGE_CHECKPOINT, "gradient_checkpointing": True}),
@@ -352,7 +357,7 @@ def masked_dora_graph() -> Graph:
 
 def use_result_graph() -> Graph:
     return Graph(
-        "use_trained_lora",
+        "Z-Image, use the trained LoRA in LoraLoader and KSampler",
         "Use the trained LoRA: LoraLoader + KSampler",
         [
             Node("unet", "UNETLoader", 0, {"unet_name": ZIMAGE_CHECKPOINT}, width=320),
@@ -501,10 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         graph = make()
         workflow = build(graph, info)
         print("wrote", write(workflow, graph.stem))
-        is_demo = graph.stem.startswith("demo_")
-        if is_demo and not args.demo_run:
+        if graph.demo and not args.demo_run:
             continue
-        thumbnail = demo_thumbnail(graph, workflow, info) if is_demo else diagram(workflow, graph.heading)
+        thumbnail = demo_thumbnail(graph, workflow, info) if graph.demo else diagram(workflow, graph.heading)
         thumbnail.save(OUT / f"{graph.stem}.jpg", format="JPEG", quality=88)
     return 0
 

@@ -23,7 +23,8 @@ def info() -> dict:
 
 def test_the_four_examples_are_there():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
-    assert any(stem.startswith("demo_") for stem in EXPECTED)
+    assert builder.DEMO_STEM in EXPECTED and sum(graph().demo for graph in builder.GRAPHS) == 1
+    assert all(" " in stem for stem in EXPECTED)  # readable titles in the Templates dialog, not file-name slugs
 
 
 def test_every_workflow_passes_the_validator(info):
@@ -36,7 +37,7 @@ def test_every_workflow_passes_the_validator(info):
 
 
 def test_the_validator_catches_broken_workflows(info):
-    demo = json.loads((builder.OUT / "demo_embedded_dora.json").read_text(encoding="utf-8"))
+    demo = json.loads((builder.OUT / f"{builder.DEMO_STEM}.json").read_text(encoding="utf-8"))
     train = next(n for n in demo["nodes"] if n["type"] == "TrainLoRA")
     specs = workflow_format.widget_specs(info["TrainLoRA"])
     steps = [s.name for s in specs].index("steps")
@@ -72,7 +73,7 @@ def test_each_workflow_has_a_real_jpg_thumbnail():
 
 
 def test_demo_workflow_needs_no_downloads(info):
-    demo = json.loads((builder.OUT / "demo_embedded_dora.json").read_text(encoding="utf-8"))
+    demo = json.loads((builder.OUT / f"{builder.DEMO_STEM}.json").read_text(encoding="utf-8"))
     types = {n["type"] for n in demo["nodes"]}
     pack_nodes = {k for k, v in info.items() if v["python_module"].startswith("custom_nodes.")}
     assert types <= pack_nodes | {"PreviewImage", "MarkdownNote"}, types - pack_nodes

@@ -35,7 +35,7 @@ PROGRESS_KEYS = {"node", "step", "total", "loss", "lr", "eta_s", "elapsed_s"}
 
 @pytest.fixture(scope="module")
 def demo_prompt() -> dict:
-    workflow = json.loads((builder.OUT / "demo_embedded_dora.json").read_text(encoding="utf-8"))
+    workflow = json.loads((builder.OUT / f"{builder.DEMO_STEM}.json").read_text(encoding="utf-8"))
     prompt = workflow_format.ui_to_api(workflow, builder.object_info())
     for node in prompt.values():
         node["inputs"].update(SMALL.get(node["class_type"], {}))

@@ -13,12 +13,16 @@ import { createExtension } from "../../web/lib/extension.js";
 import { DEFAULT_THEME } from "../../web/lib/loss_chart.js";
 import {
   FakeApi,
+  FakeCanvas,
   FakeDocument,
   FakeGraph,
   createNode,
   makeNodeType,
   viewParts,
+  viewWidget,
 } from "./fakes.mjs";
+import { PROMPTS_MIN_HEIGHT, WIDGET_MARGIN } from "../../web/lib/extension.js";
+import { CHART_HEIGHT, VIEW_MIN_HEIGHT } from "../../web/lib/view.js";
 
 const temp = (filename) => ({ filename, subfolder: "", type: "temp" });
 const progress = (node, step, loss = 0.5) => ({
@@ -34,7 +38,7 @@ const progress = (node, step, loss = 0.5) => ({
 /** A fresh frontend: graph, api, extension set up and TrainLoRA registered. */
 async function setUp() {
   const graph = new FakeGraph();
-  const app = { rootGraph: graph, canvas: { graph } };
+  const app = { rootGraph: graph, canvas: new FakeCanvas(graph) };
   const api = new FakeApi();
   const extension = createExtension({
     app,
@@ -209,3 +213,61 @@ test("nothing is fetched: the gallery only sets <img> sources on the page's orig
   }
   assert.deepEqual(calls, []);
 });
+
+test("the view is exactly as tall as its content, so captions are never cut and spare room goes elsewhere", async () => {
+  const { app, api, graph, TrainNode } = await setUp();
+  const node = createNode(TrainNode, 7, graph);
+  const widget = viewWidget(node);
+  assert.equal(widget.options.margin, WIDGET_MARGIN);
+  assert.equal(widget.options.getMinHeight(), VIEW_MIN_HEIGHT + 2 * WIDGET_MARGIN); // nothing to show yet
+  const { gallery, status: line } = viewParts(node);
+  const loaded = [];
+  gallery.querySelectorAll = () => [{ addEventListener: (type, listener) => loaded.push([type, listener]) }];
+  const before = app.canvas.redraws;
+  gallery.scrollHeight = 420; // four samples with two-line captions, as the browser measures them
+  api.emit(SAMPLES_EVENT, { node: "7", step: 5, images: [temp("a.png")], captions: ["a long caption"] });
+  assert.equal(app.canvas.redraws, before + 1, "a taller gallery lays the node out again");
+  line.offsetHeight = 28; // the status line wrapped
+  api.emit(PROGRESS_EVENT, progress("7", 6));
+  assert.equal(app.canvas.redraws, before + 2, "so does a taller status line");
+  api.emit(PROGRESS_EVENT, progress("7", 7));
+  assert.equal(app.canvas.redraws, before + 2, "nothing changed size: no extra layout");
+  assert.equal(widget.options.getMinHeight(), CHART_HEIGHT + 4 + 28 + 4 + 420 + 2 * WIDGET_MARGIN);
+  // Zoomed far out the frontend hides the view: nothing measures, and the last height stands.
+  gallery.scrollHeight = 0;
+  line.offsetHeight = 0;
+  assert.equal(widget.options.getMinHeight(), CHART_HEIGHT + 4 + 28 + 4 + 420 + 2 * WIDGET_MARGIN);
+  assert.equal(widget.options.getMaxHeight(), widget.options.getMinHeight());
+  const [type, onLoad] = loaded.find(([t]) => t === "load");
+  const redraws = app.canvas.redraws;
+  gallery.scrollHeight = 460; // visible again, and an image finished loading: taller
+  line.offsetHeight = 28;
+  onLoad();
+  assert.equal(type, "load");
+  assert.equal(app.canvas.redraws, redraws + 1, "an image that finished loading lays the node out again");
+});
+
+test("the sample_prompts box is tall enough for several prompt lines", async () => {
+  const { graph, extension } = await setUp();
+  const TrainNode = makeNodeType(NODE_CLASS, ["steps", "sample_prompts", "extra_options"]);
+  await extension.beforeRegisterNodeDef(TrainNode, { name: NODE_CLASS });
+  const node = createNode(TrainNode, 7, graph);
+  const prompts = node.widgets.find((w) => w.name === "sample_prompts");
+  assert.ok(PROMPTS_MIN_HEIGHT >= 5 * 13, "five lines of the 10 px textarea font");
+  assert.equal(prompts.options.getMinHeight(), PROMPTS_MIN_HEIGHT);
+  assert.equal(node.widgets.find((w) => w.name === "extra_options").options.getMinHeight, undefined);
+});
+
+test("the status line shows no ETA until the trainer sends a steady one, and names the saved file", async () => {
+  const { api, graph, TrainNode } = await setUp();
+  const node = createNode(TrainNode, 7, graph);
+  api.emit(PROGRESS_EVENT, { ...progress("7", 1), eta_s: null, elapsed_s: 1 });
+  assert.equal(status(node), "step 1/100 · loss 0.5 · lr 1.00e-4 · 1s elapsed");
+  api.emit(PROGRESS_EVENT, { ...progress("7", 4), eta_s: 30 });
+  assert.match(status(node), /ETA 30s/);
+  node.onExecuted({ dit_trainer_losses: [[100, 0.2]], dit_trainer_saved: ["my_lora_2.safetensors"] });
+  assert.equal(status(node), "finished 100 steps in 10s · final loss 0.2 · saved my_lora_2.safetensors");
+  node.onExecuted({ dit_trainer_losses: [[100, 0.2]], dit_trainer_saved: ["../../etc/passwd"] });
+  assert.doesNotMatch(status(node), /passwd/);
+});
+

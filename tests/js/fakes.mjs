@@ -119,6 +119,17 @@ export class FakeApi extends EventTarget {
   }
 }
 
+/** app.canvas: setDirty(true, true) redraws, which lays every visible node out again. */
+export class FakeCanvas {
+  constructor(graph) {
+    this.graph = graph;
+    this.redraws = 0;
+  }
+  setDirty(foreground, background) {
+    if (foreground && background) this.redraws += 1;
+  }
+}
+
 export class FakeGraph {
   constructor() {
     this.nodesById = new Map();
@@ -137,9 +148,10 @@ export class FakeGraph {
 /**
  * A node class shaped like the frontend's registered node types: prototype hooks,
  * addDOMWidget, and serialize/configure that call onSerialize/onConfigure the way
- * litegraph's LGraphNode does.
+ * litegraph's LGraphNode does. `inputWidgets` are the widgets the frontend makes from
+ * INPUT_TYPES before onNodeCreated runs (name and an options object each).
  */
-export function makeNodeType(comfyClass) {
+export function makeNodeType(comfyClass, inputWidgets = []) {
   class FakeNode {
     static comfyClass = comfyClass;
     constructor() {
@@ -147,7 +159,7 @@ export function makeNodeType(comfyClass) {
       this.type = comfyClass;
       this.size = [300, 120];
       this.properties = {};
-      this.widgets = [];
+      this.widgets = inputWidgets.map((name) => ({ name, options: {}, value: "", serialize: true }));
     }
     addDOMWidget(name, type, element, options = {}) {
       const widget = { name, type, element, options, value: "" };
@@ -185,9 +197,14 @@ export function createNode(NodeType, id, graph) {
   return node;
 }
 
+/** The view's DOM widget of a node. */
+export function viewWidget(node) {
+  return node.widgets.find((w) => w.type === "dit_trainer_view");
+}
+
 /** The view's parts inside a node's DOM widget. */
 export function viewParts(node) {
-  const element = node.widgets[0].element;
+  const element = viewWidget(node).element;
   return {
     element,
     canvas: element.find("ditt-chart"),

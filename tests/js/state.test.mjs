@@ -14,6 +14,7 @@ import {
   reduceMessage,
   restoreViewState,
   serializeViewState,
+  sanitizeFileName,
   toggleLogScale,
 } from "../../web/lib/state.js";
 
@@ -156,10 +157,12 @@ test("progress -> samples -> executed -> save -> reload gives the same view", ()
         {
           dit_trainer_losses: [[1, 0.5], [2, 0.125]],
           dit_trainer_samples: [{ step: 2, images: [temp("f.png")], captions: ["final"] }],
+          dit_trainer_saved: ["run_2.safetensors"],
         },
       ],
     ]),
   );
+  assert.equal(state.saved, "run_2.safetensors");
   const saved = JSON.parse(JSON.stringify(serializeViewState(state)));
   assert.equal(saved.v, SAVED_FORMAT_VERSION);
   const restored = restoreViewState(saved);
@@ -235,3 +238,13 @@ test("status line for waiting, running and finished", () => {
 test("unknown message kinds are a programming error", () => {
   assert.throws(() => reduceMessage(createViewState(), "progres", {}), /unknown TrainLoRA view message kind "progres"/);
 });
+
+test("only plain file names are kept as the saved adapter's name", () => {
+  assert.equal(sanitizeFileName("my_lora_2.safetensors"), "my_lora_2.safetensors");
+  for (const bad of ["", "a/b.safetensors", "..\\x", "x\u0000y", "n".repeat(300), 7, null]) {
+    assert.equal(sanitizeFileName(bad), null, String(bad));
+  }
+  const restored = restoreViewState({ ...serializeViewState(createViewState()), saved: "../x" });
+  assert.equal(restored.saved, null);
+});
+

@@ -388,11 +388,13 @@ class FolderDataset:
                          f"{name_list(missing)}")
         n_masks = sum(item.has_mask for item in self.items)
         if self._weights is not None:
-            use = f"used as loss weights, gamma {self._mask_gamma:g}, weight outside {self._mask_min_weight:g}"
+            use = f"used as loss weights (gamma {self._mask_gamma:g}, weight outside {self._mask_min_weight:g})"
+        elif n_masks:
+            use = ("not weighting the loss yet: WeightedMask in ComfyUI, or [data] mask_gamma / mask_min_weight in "
+                   "a TOML config, applies them")
         else:
-            use = ("not weighting the loss: apply mask weights to use them (WeightedMask in ComfyUI, "
-                   "[data] mask_gamma / mask_min_weight in a TOML config)") if n_masks else "loss unweighted"
-        lines.append(f"masks: {n_masks} of {len(self.items)} images ({use})")
+            use = "the loss is unweighted"
+        lines.append(f"masks: {n_masks} of {len(self.items)} images, {use}")
         if self._skipped:
             lines.append(f"skipped: {len(self._skipped)} unusable image(s): {name_list([p for p, _ in self._skipped])}")
         lines.append(f"latents: {self._from_cache} from cache, {len(self.items) - self._from_cache} encoded")

@@ -16,6 +16,11 @@ export const SAMPLES_EVENT = "dit_trainer.samples";
 /** Keys of the node's UI output (the core "executed" event, node.onExecuted). */
 export const OUTPUT_LOSSES_KEY = "dit_trainer_losses";
 export const OUTPUT_SAMPLES_KEY = "dit_trainer_samples";
+/** [file name] of the adapter in models/loras (a "_2" name when the asked-for one belonged to someone else). */
+export const OUTPUT_SAVED_KEY = "dit_trainer_saved";
+
+/** The TrainLoRA input whose textarea must show several prompt lines. */
+export const PROMPTS_WIDGET = "sample_prompts";
 
 /** node.properties key under which the view state is saved in the workflow. */
 export const PROPERTY_KEY = "dit_trainer_view";

@@ -12,6 +12,7 @@ import {
   EXTENSION_NAME,
   NODE_CLASS,
   PROGRESS_EVENT,
+  PROMPTS_WIDGET,
   PROPERTY_KEY,
   SAMPLES_EVENT,
   WIDGET_NAME,
@@ -24,10 +25,16 @@ import {
   serializeViewState,
   toggleLogScale,
 } from "./state.js";
-import { VIEW_MIN_HEIGHT, createTrainView } from "./view.js";
+import { createTrainView } from "./view.js";
 
 /** Nodes narrower than this get widened on creation so the chart is readable. */
 const NODE_MIN_WIDTH = 400;
+
+/** Height of the sample_prompts textarea: five lines of ComfyUI's 10 px monospace, plus padding. */
+export const PROMPTS_MIN_HEIGHT = 84;
+
+/** Space the frontend keeps above and below a DOM widget's element (its DEFAULT_MARGIN), in CSS pixels. */
+export const WIDGET_MARGIN = 10;
 
 /** Wrap prototype[name] so `after` runs after the original (other extensions may patch it too). */
 function chainMethod(prototype, name, after) {
@@ -88,11 +95,21 @@ export function createExtension({ app, api, document: doc, scheduleFrame = defau
       apiURL: (route) => api.apiURL(route),
       cacheToken,
       onToggleLogScale: () => setState(node, toggleLogScale(stateOf(node))),
+      // Redraw the canvas, which lays the node out again: it grows when the view needs more room.
+      // (app.canvas, not node.setDirtyCanvas: a graph loaded from a template may list no canvas.)
+      onContentResize: () => app.canvas?.setDirty?.(true, true),
     });
+    // The view is exactly as tall as its content (min = max), so the frontend gives the
+    // node's spare height to the textareas instead, and a caption is never cut off.
+    const height = () => view.contentHeight() + 2 * WIDGET_MARGIN;
     const widget = node.addDOMWidget(WIDGET_NAME, "dit_trainer_view", view.element, {
       serialize: false, // not an input: keep it out of the prompt sent to the server
-      getMinHeight: () => VIEW_MIN_HEIGHT,
+      margin: WIDGET_MARGIN,
+      getMinHeight: height,
+      getMaxHeight: height,
     });
+    const prompts = node.widgets?.find((w) => w.name === PROMPTS_WIDGET);
+    if (prompts?.options) prompts.options.getMinHeight = () => PROMPTS_MIN_HEIGHT;
     // Not in widgets_values either, so saved workflows keep the node's input layout.
     widget.serialize = false;
     views.set(node, view);

@@ -4,7 +4,7 @@
 // Reducer functions never modify their input state; they return a new one, or the
 // same object when a message changes nothing.
 
-import { OUTPUT_LOSSES_KEY, OUTPUT_SAMPLES_KEY } from "./constants.js";
+import { OUTPUT_LOSSES_KEY, OUTPUT_SAMPLES_KEY, OUTPUT_SAVED_KEY } from "./constants.js";
 import { MAX_NAME_CHARS, isSafeImageRef } from "./gallery.js";
 import { HISTORY_MAX_POINTS, appendLoss, downsampleHistory } from "./loss_chart.js";
 
@@ -39,6 +39,7 @@ export function createViewState() {
     logScale: false,
     history: [], // [[step, loss], ...] sorted by step
     samples: null, // {step, items: [{image: {filename, subfolder, type} | null, caption}]}
+    saved: null, // file name of the finished run's adapter in models/loras
   };
 }
 
@@ -75,6 +76,12 @@ function sanitizeImage(raw) {
 
 function sanitizeCaption(raw) {
   return typeof raw === "string" ? raw.slice(0, LIMITS.captionChars) : "";
+}
+
+/** A plain file name (shown as text), or null. */
+export function sanitizeFileName(raw) {
+  if (typeof raw !== "string" || raw.length === 0 || raw.length > MAX_NAME_CHARS) return null;
+  return /[\u0000-\u001f\u007f/\\]/.test(raw) ? null : raw;
 }
 
 /**
@@ -164,6 +171,7 @@ export function applyExecuted(state, output) {
     (latest, set) => (latest === null || set.step >= latest.step ? set : latest),
     null,
   );
+  const saved = Array.isArray(output[OUTPUT_SAVED_KEY]) ? sanitizeFileName(output[OUTPUT_SAVED_KEY][0]) : null;
   return {
     ...state,
     history,
@@ -173,6 +181,7 @@ export function applyExecuted(state, output) {
     finished: true,
     stopped: null,
     samples: latestSamples ?? state.samples,
+    saved: saved ?? state.saved,
   };
 }
 
@@ -236,6 +245,7 @@ export function serializeViewState(state) {
       step: state.samples.step,
       items: state.samples.items.map(({ image, caption }) => ({ image, caption })),
     },
+    saved: state.saved,
   };
 }
 
@@ -260,6 +270,7 @@ export function restoreViewState(saved) {
     logScale: saved.logScale === true,
     history: sanitizeHistory(saved.history, LIMITS.savedHistoryPoints),
     samples: sanitizeSamples(saved.samples),
+    saved: sanitizeFileName(saved.saved),
   };
 }
 
@@ -287,6 +298,7 @@ export function formatStatus(state) {
     const parts = [`finished ${state.step} steps`];
     if (state.elapsedS !== null) parts.push(`in ${formatDuration(state.elapsedS)}`);
     if (state.loss !== null) parts.push(`· final loss ${formatLoss(state.loss)}`);
+    if (state.saved !== null) parts.push(`· saved ${state.saved}`);
     return parts.join(" ");
   }
   if (state.step === 0 && state.history.length === 0 && state.stopped === null) {

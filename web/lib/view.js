@@ -11,16 +11,18 @@ export const CHART_HEIGHT = 150;
 /** Smallest widget height ComfyUI lays out for the view (chart, status, a row of samples). */
 export const VIEW_MIN_HEIGHT = 300;
 
+/** Vertical gap between the view's parts (the `gap` of .ditt-view), in CSS pixels. */
+const GAP = 4;
+
 const STYLE_ID = "dit-trainer-view-style";
 
 // Colours come from ComfyUI's palette variables so light and dark themes both work.
 const VIEW_CSS = `
-.ditt-view { display: flex; flex-direction: column; gap: 4px; overflow: hidden;
+.ditt-view { display: flex; flex-direction: column; gap: ${GAP}px; overflow: hidden;
   font: 11px sans-serif; color: var(--fg-color, #ddd); box-sizing: border-box; }
 .ditt-chart { width: 100%; height: ${CHART_HEIGHT}px; flex: none; cursor: pointer;
   border-radius: 4px; }
-.ditt-status { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
-  color: var(--descrip-text, #aaa); }
+.ditt-status { flex: none; overflow-wrap: anywhere; color: var(--descrip-text, #aaa); }
 .ditt-gallery { flex: 1 1 auto; overflow-y: auto; min-height: 0; }
 .ditt-samples-head { color: var(--descrip-text, #aaa); margin-bottom: 2px; }
 .ditt-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); gap: 4px; }
@@ -60,11 +62,18 @@ export function cssTheme(element) {
 /**
  * Build the view. Call render(state) after each state change (cheap: the gallery
  * HTML is only rebuilt when the sample set changes) and dispose() on node removal.
+ * contentHeight() is the height the view needs to show all of it (chart, status and
+ * every sample with its caption); onContentResize is called when that may have changed
+ * (a new sample set, an image that finished loading), so the node can be laid out again.
  * @param {Document} doc
  * @param {{apiURL: (route: string) => string, cacheToken: string,
- *          onToggleLogScale: () => void, theme?: (element: HTMLElement) => object}} options
+ *          onToggleLogScale: () => void, onContentResize?: () => void,
+ *          theme?: (element: HTMLElement) => object}} options
  */
-export function createTrainView(doc, { apiURL, cacheToken, onToggleLogScale, theme = cssTheme }) {
+export function createTrainView(
+  doc,
+  { apiURL, cacheToken, onToggleLogScale, onContentResize = () => {}, theme = cssTheme },
+) {
   ensureStyle(doc);
   const element = doc.createElement("div");
   element.className = "ditt-view";
@@ -94,6 +103,35 @@ export function createTrainView(doc, { apiURL, cacheToken, onToggleLogScale, the
       img.addEventListener("error", () => img.parentElement?.classList.add("ditt-missing"), {
         once: true,
       });
+      // An image only has its height once loaded: the node may need to grow for it.
+      img.addEventListener("load", () => reportHeight(), { once: true });
+    }
+  }
+
+  let measured = VIEW_MIN_HEIGHT;
+
+  /**
+   * Chart, status line and the gallery's full content, never less than VIEW_MIN_HEIGHT.
+   * While the frontend hides the view (zoomed far out) nothing can be measured: the last
+   * measurement stands, so the node does not shrink and then cut the gallery off.
+   */
+  function contentHeight() {
+    const statusHeight = status.offsetHeight || 0;
+    const galleryHeight = gallery.scrollHeight || 0;
+    if (statusHeight > 0 || galleryHeight > 0) {
+      measured = Math.max(VIEW_MIN_HEIGHT, Math.ceil(CHART_HEIGHT + GAP + statusHeight + GAP + galleryHeight));
+    }
+    return measured;
+  }
+
+  let shownHeight = null;
+
+  /** Tell the node when the height the view needs has changed. */
+  function reportHeight() {
+    const height = contentHeight();
+    if (height !== shownHeight) {
+      shownHeight = height;
+      onContentResize();
     }
   }
 
@@ -115,18 +153,24 @@ export function createTrainView(doc, { apiURL, cacheToken, onToggleLogScale, the
     status.textContent = formatStatus(state);
     renderChart(state);
     renderGallery(state);
+    reportHeight(); // a wrapped status line or a new sample set changes the height the view needs
   }
 
-  // The node's size changes the canvas width; redraw whenever the element is resized.
+  // The node's size changes the canvas width, and a view shown again after being hidden can be
+  // measured again: redraw the chart and re-check the height whenever the element is resized.
   const observer =
     typeof globalThis.ResizeObserver === "function"
-      ? new globalThis.ResizeObserver(() => lastState && renderChart(lastState))
+      ? new globalThis.ResizeObserver(() => {
+          if (lastState) renderChart(lastState);
+          reportHeight();
+        })
       : null;
   observer?.observe(element);
 
   return {
     element,
     render,
+    contentHeight,
     dispose() {
       observer?.disconnect();
     },

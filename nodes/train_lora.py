@@ -20,7 +20,7 @@ from ..training.optimizers import OPTIMIZERS
 from ..training.plots import loss_curve, save_png
 from ..training.progress import ProgressEvent
 from ..training.prompts import SamplePrompt, parse_prompts, preview_specs
-from ..training.run_folder import RUN_ID_KEY, free_adapter_path, prepare_run, run_lock
+from ..training.run_folder import RUN_ID_KEY, PreparedRun, free_adapter_path, prepare_run, run_lock
 from ..training.run_settings import run_settings
 from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
@@ -211,7 +211,7 @@ class TrainLoRA:
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id))
 
     def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
-               specs: list[PreviewSpec], settings: dict, run, run_name: str, node: str):
+               specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str):
         run_dir = run.run_dir
         metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id}
         progress = host.Progress(cfg.steps)

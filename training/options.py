@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -70,17 +70,23 @@ class _Mismatch(Exception):
     pass
 
 
+# Annotations whose values pass unchanged when they are of these kinds (bool is never an int here).
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    Path: lambda v: isinstance(v, (str, Path)),
+    type(None): lambda v: v is None,
+}
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """`value` as the annotation `hint` wants it, or _Mismatch."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if hint in _SCALARS:
+        if _SCALARS[hint](value):
             return value
         raise _Mismatch
     if hint is float:
@@ -88,18 +94,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if not math.isfinite(value):
                 raise OptionError(f"{where} must be a finite number, got {value!r}")
             return float(value)
-        raise _Mismatch
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if hint is Path:
-        if isinstance(value, (str, Path)):
-            return value
-        raise _Mismatch
-    if hint is type(None):
-        if value is None:
-            return None
         raise _Mismatch
     if origin in (typing.Union, types.UnionType):
         for option in args:

@@ -21,8 +21,8 @@ NODES = {
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}
 
 # ComfyUI imports packs on its main thread and trains on a worker thread: from here on, SIGTERM
 # (docker stop) and Ctrl-C of the server first let a running TrainLoRA save its checkpoint.
 install_host_handlers()
-NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -249,8 +249,7 @@ class TrainLoRA:
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)
-            twins = ("", "_ema") if result.ema is not None else ("",)
-            target = free_adapter_path(host.model_folder("loras"), run_name, run.run_id, twins)
+            target = free_adapter_path(host.model_folder("loras"), run_name, run.run_id, ema=result.ema is not None)
             path, _ = save_trained_adapter(lora, target, result, cfg, model.base_hash, metadata)
         finally:
             lora.detach_from_model()

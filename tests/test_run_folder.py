@@ -117,5 +117,5 @@ def test_a_file_someone_else_made_is_never_replaced(tmp_path):
     assert free_adapter_path(tmp_path, "mine", "run2") == tmp_path / "mine_3.safetensors"
     adapter_file(tmp_path / "ours.safetensors", "run1")
     (tmp_path / "ours_ema.safetensors").write_bytes(b"someone's file")
-    assert free_adapter_path(tmp_path, "ours", "run1", ("", "_ema")) == tmp_path / "ours_2.safetensors"
+    assert free_adapter_path(tmp_path, "ours", "run1", ema=True) == tmp_path / "ours_2.safetensors"
     assert (tmp_path / "mine.safetensors").read_bytes() == b"the user's own lora"

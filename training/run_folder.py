@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import resumable_checkpoints
+from .checkpoint import ema_twin, resumable_checkpoints
 from .run_settings import fingerprint as settings_fingerprint
 from .storage import OUTPUT_FIX, atomic_write, make_dir, os_errors, read_metadata
 
@@ -131,7 +131,7 @@ def prepare_run(run_dir: str | os.PathLike, settings: dict, resume: bool, about:
     moved = None
     if not continuing and run_dir.exists() and any(run_dir.iterdir()):
         moved = _move_aside(run_dir)
-        why = "resume is off" if resume is False else "it had other settings"
+        why = "it had other settings" if resume else "resume is off"
         log.warning("the earlier run in %s was moved to %s (%s); nothing was deleted", run_dir, moved, why)
     run_id = record.get("run_id") if continuing else None
     return record_run(run_dir, run_id, settings, about, continuing, moved)
@@ -157,14 +157,14 @@ def written_by(path: Path, run_id: str) -> bool:
         return False
 
 
-def free_adapter_path(folder: Path, stem: str, run_id: str, twins: tuple[str, ...] = ("",)) -> Path:
-    """`folder/<stem>.safetensors`, or `<stem>_2`, `<stem>_3`, ... : the first name whose files (the adapter
-    and each `<name><twin>` beside it) are absent or were written by this run. A file someone else made is
-    never replaced."""
+def free_adapter_path(folder: Path, stem: str, run_id: str, ema: bool = False) -> Path:
+    """`folder/<stem>.safetensors`, or `<stem>_2`, `<stem>_3`, ... : the first name whose files (the adapter,
+    and with `ema` its EMA twin) are absent or were written by this run. A file someone else made is never
+    replaced."""
     n = 1
     while True:
-        name = stem if n == 1 else f"{stem}_{n}"
-        paths = [folder / f"{name}{twin}.safetensors" for twin in twins]
+        adapter = folder / f"{stem if n == 1 else f'{stem}_{n}'}.safetensors"
+        paths = [adapter, ema_twin(adapter)] if ema else [adapter]
         if all(not p.exists() or written_by(p, run_id) for p in paths):
             if n > 1:
                 log.warning("%s exists and was not written by this run; saving as %s instead (it stays untouched)",

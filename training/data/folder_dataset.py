@@ -125,11 +125,10 @@ def _check_sizes(planned: list[_Planned], cfg: DataConfig, downscale: int, laten
 def _load_or_encode(
     planned: _Planned, encode_images: ImageEncoder, downscale: int, encoder_id: str, latent_folder: Path | None,
 ) -> _Encoded:
-    file, placement = planned.file, planned.placement
+    file, placement, size = planned.file, planned.placement, planned.size
     try:
         image_bytes = file.path.read_bytes()
-        info = read_info(image_bytes)
-    except Exception as error:  # changed since it was planned
+    except OSError as error:
         raise _Unusable(f"unreadable: {error}") from error
     mask_bytes = b""
     if file.mask_source == "file":
@@ -140,10 +139,10 @@ def _load_or_encode(
             raise ValueError(
                 f"mask file {file.mask_path} is not a readable image ({error}); fix or remove it"
             ) from error
-        if mask_size != info.size:
+        if mask_size != size:
             raise ValueError(
                 f"mask {file.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {file.path} is "
-                f"{info.size[0]}x{info.size[1]}; masks must have the size of their image"
+                f"{size[0]}x{size[1]}; masks must have the size of their image"
             )
     latent_size = (placement.bucket[1] // downscale, placement.bucket[0] // downscale)
 
@@ -151,7 +150,7 @@ def _load_or_encode(
     cache_path = None if latent_folder is None else latent_folder / f"{key}.safetensors"
     stored = None if cache_path is None else load_tensors(cache_path)
     if stored is not None and "latents" in stored and tuple(stored["latents"].shape[-2:]) == latent_size:
-        return _Encoded(file, info.size, placement, stored["latents"], stored.get("mask"), from_cache=True)
+        return _Encoded(file, size, placement, stored["latents"], stored.get("mask"), from_cache=True)
 
     try:
         rgb, alpha = decode_image(image_bytes)
@@ -173,7 +172,7 @@ def _load_or_encode(
     if cache_path is not None:
         tensors = {"latents": latents} if latent_mask is None else {"latents": latents, "mask": latent_mask}
         save_tensors(cache_path, tensors, metadata={"image": file.path.name, "format": "dit_trainer latents"})
-    return _Encoded(file, info.size, placement, latents, latent_mask, from_cache=False)
+    return _Encoded(file, size, placement, latents, latent_mask, from_cache=False)
 
 
 class FolderDataset:

@@ -2,24 +2,25 @@
 
 ComfyUI layouts: IMAGE float [B, H, W, C] in [0, 1]; MASK float [B, H, W];
 LATENT {"samples": raw VAE latents [B, C, h, w]}; CONDITIONING [[states [1, L, D], {...}], ...].
-The engine takes images [B, 3, H, W] in [0, 1], model-space latents and
-(states [N, L, D] zero-padded, lengths [N]) for text.
+The engine takes images [B, 3, H, W] in [0, 1], model-space latents and conditioning
+records (training/conditioning.py) for text, pooled vectors, guidance and reference images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..training.demo.encoders import demo_encoders
 from ..training.demo.model import demo_text_encoder
 from ..training.demo.pixel_vae import PixelVAE
+from ..training.conditioning import Conditioning
 from ..training.encoders import Encoders, ImageEncoder, LatentDecoder, TextEncoder
 from .inference_mode import comfy_call
 from .sockets import DitModel
@@ -43,43 +44,50 @@ def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
 # --- text -------------------------------------------------------------------
 
 
-def _pad_states(states: list[torch.Tensor], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L_i, D] tensors -> ([N, max L, D] zero past each length, lengths [N])."""
-    longest = max(s.shape[0] for s in states)
-    batch = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[0])) for s in states])
-    return batch, torch.tensor(lengths, dtype=torch.int64)
-
-
-def _trim(states: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """[1, L, D] encoder output -> ([L, D] float32 CPU, valid tokens), honouring an attention mask."""
-    states = states[0].detach().float().cpu()
+def _trim(states: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+    """[1, L, D] encoder output -> [1, valid tokens, D] float32 CPU, honouring an attention mask."""
     mask = extra.get("attention_mask")
-    length = int(mask.sum()) if mask is not None else states.shape[0]
-    return states[:length], max(length, 1)
+    length = int(mask.sum()) if mask is not None else states.shape[1]
+    return states[:, : max(length, 1)].detach().float().cpu()
+
+
+def _pooled(extra: dict[str, Any]) -> torch.Tensor | None:
+    """CLIP-L's pooled vector [1, 768] where the encoder gives one (Flux.1's DualCLIPLoader type flux)."""
+    pooled = extra.get("pooled_output")
+    return None if pooled is None else pooled.detach().float().cpu().reshape(1, -1)
+
+
+def _record(states: torch.Tensor, extra: dict[str, Any]) -> Conditioning:
+    trimmed = _trim(states, extra)
+    return Conditioning(trimmed, torch.tensor([trimmed.shape[1]]), _pooled(extra))
 
 
 def clip_text_encoder(clip: Any) -> TextEncoder:
-    """Captions through a ComfyUI CLIP, exactly as CLIPTextEncode encodes a prompt."""
+    """Captions through a ComfyUI CLIP, exactly as CLIPTextEncode encodes a prompt (states, and the
+    pooled vector for encoders that give one)."""
 
-    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        states, lengths = [], []
+    def encode(prompts: list[str]) -> Conditioning:
+        records = []
         for prompt in prompts:
             out = comfy_call(clip.encode_from_tokens, clip.tokenize(prompt), return_dict=True)
-            trimmed, length = _trim(out["cond"], out)
-            states.append(trimmed)
-            lengths.append(length)
-        return _pad_states(states, lengths)
+            records.append(_record(out["cond"], out))
+        return Conditioning.collate(records)
 
     return encode
 
 
-def conditioning_context(conditioning: list, option: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CONDITIONING -> (states [1, L, D], lengths [1]) from its first entry."""
+def conditioning_record(conditioning: list, option: str, dit: DitModel) -> Conditioning:
+    """CONDITIONING -> a one-row record from its first entry: states, pooled vector, FluxGuidance's
+    guidance and ReferenceLatent's reference latents (raw VAE latents, turned into model space)."""
     if not conditioning:
         raise ValueError(f"{option}: the CONDITIONING is empty; connect a CLIPTextEncode output")
     states, extra = conditioning[0][0], conditioning[0][1]
-    trimmed, length = _trim(states, extra)
-    return _pad_states([trimmed], [length])
+    record = _record(states, extra)
+    if extra.get("guidance") is not None:
+        record = record.with_guidance(float(extra["guidance"]))
+    references = extra.get("reference_latents") or []
+    return dataclasses.replace(record, reference_latents=tuple(
+        dit.latent_format.to_model(r.detach().float().cpu())[:1] for r in references))
 
 
 # --- latents ----------------------------------------------------------------

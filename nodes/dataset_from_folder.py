@@ -40,7 +40,8 @@ def resolve_folder(folder: str) -> Path:
 class DatasetFromFolder:
     DESCRIPTION = (
         "Reads a training folder: images with same-stem .txt captions, optional masks/ subfolder (white = train "
-        "here) or alpha channel, 'N_name' subfolders repeated N times. Images are encoded with the connected VAE "
+        "here) or alpha channel, 'N_name' subfolders repeated N times, and for edit models a control_folder of "
+        "same-stem reference images. Images are encoded with the connected VAE "
         "and captions with the connected CLIP, cached on disk under the folder's .dit_cache/. With the embedded "
         "demo model leave CLIP and VAE unconnected."
     )
@@ -101,7 +102,11 @@ class DatasetFromFolder:
                                                       "tooltip": "Keep latents and caption embeddings under "
                                                                  "<folder>/.dit_cache, so the next run skips encoding."}),
             },
-            "optional": {
+            "optional": {  # optional widgets: workflows saved before they existed still validate
+                "control_folder": ("STRING", {"default": d.control_folder,
+                                              "tooltip": "Edit training (Flux.1 Kontext, Flux.2): subfolder with each "
+                                                         "image's control image, same stem (or <stem>_0, <stem>_1 ... "
+                                                         "for several), encoded with the VAE. Empty: plain training."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder (not needed for the embedded demo)."}),
                 "vae": ("VAE", {"tooltip": "The model's VAE (not needed for the embedded demo)."}),
             },

@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ..training.conditioning import as_conditioning
 from ..training.network.comfy_format import load_adapter, read_safetensors
 from ..training.network.file_config import config_for_file
 from ..training.network.network import LoRANetwork
 from ..training.sampler import check_sampling_fits, sample_euler
 from . import host
-from .comfy_io import conditioning_context, image_decoder_for, pil_to_image, text_encoder_for
+from .comfy_io import conditioning_record, image_decoder_for, pil_to_image, text_encoder_for
 from .sockets import CATEGORY, DITT_LORA, DITT_MODEL, DitModel, TrainedLora
 
 NO_FILE = "None"
@@ -81,9 +82,14 @@ class SampleWithLoRA:
                                     "tooltip": "Sigma shift, as ModelSamplingAuraFlow's shift (Z-Image: 3)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Noise seed of the first image."}),
             },
-            "optional": {
+            "optional": {  # guidance is an optional widget: workflows saved before it existed still validate
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Distilled guidance, as FluxGuidance (Flux.1-dev / Kontext, Flux.2 "
+                                                  "dev: 2.5-4); models without a guidance input (schnell, klein, "
+                                                  "Z-Image) ignore it. FluxGuidance on a connected positive wins."}),
                 "lora": (DITT_LORA, {"tooltip": "An adapter from TrainLoRA / EMAMerge (overrides lora_name)."}),
-                "positive": ("CONDITIONING", {"tooltip": "Conditioning instead of the prompt text."}),
+                "positive": ("CONDITIONING", {"tooltip": "Conditioning instead of the prompt text; its FluxGuidance and "
+                                                         "ReferenceLatent (edit models) are used."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning instead of the negative prompt."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the prompt text (not needed for the embedded demo)."}),
                 "vae": ("VAE", {"tooltip": "Decodes the IMAGE output (not needed for the embedded demo)."}),
@@ -91,45 +97,46 @@ class SampleWithLoRA:
         }
 
     def sample(self, model: DitModel, lora_name: str, strength: float, prompt: str, negative_prompt: str,
-               width: int, height: int, steps: int, cfg: float, shift: float, seed: int,
+               width: int, height: int, steps: int, cfg: float, shift: float, seed: int, guidance: float = 3.5,
                lora: TrainedLora | None = None, positive=None, negative=None, clip=None, vae=None):
         node = "SampleWithLoRA"
         if positive is not None:
-            context, lens = conditioning_context(positive, f"{node} positive")
+            cond = conditioning_record(positive, f"{node} positive", model)
         else:
             prompts = [line.strip() for line in prompt.splitlines() if line.strip()]
             if not prompts:
                 raise ValueError(f"{node}: write a prompt (one per line) or connect a positive CONDITIONING")
-            context, lens = text_encoder_for(model, clip, node)(prompts)
-        batch = context.shape[0]
-        neg_context = neg_lens = None
+            cond = as_conditioning(text_encoder_for(model, clip, node)(prompts), len(prompts))
+        if cond.guidance is None:  # FluxGuidance on the positive wins, as in ComfyUI
+            cond = cond.with_guidance(guidance)
+        batch = cond.batch
+        neg_cond = None
         if cfg != 1.0:
             if negative is not None:
-                neg_context, neg_lens = conditioning_context(negative, f"{node} negative")
+                neg_cond = conditioning_record(negative, f"{node} negative", model)
             else:
-                neg_context, neg_lens = text_encoder_for(model, clip, node)([negative_prompt])
-            neg_context, neg_lens = neg_context.expand(batch, -1, -1), neg_lens.expand(batch)
+                neg_cond = as_conditioning(text_encoder_for(model, clip, node)([negative_prompt]), 1)
+            neg_cond = neg_cond.expand(batch)
         decode = image_decoder_for(model, vae, node)
         downscale = model.latent_format.downscale
-        if width % (downscale * 2) or height % (downscale * 2):
-            raise ValueError(f"{node}: width {width} and height {height} must be multiples of {downscale * 2}")
+        multiple = downscale * model.model.cfg.patch_size
+        if width % multiple or height % multiple:
+            raise ValueError(f"{node}: width {width} and height {height} must be multiples of {multiple}")
 
         path = lora.path if lora is not None else None if lora_name == NO_FILE else host.model_path("loras", lora_name)
         device = host.device()
         model.model.to(device)  # first: adapters are created on their layer's device
         network = None if path is None else network_for_file(model, path)
         shape = (model.latent_format.channels, height // downscale, width // downscale)
-        check_sampling_fits(model.model, (batch, *shape), context.shape[1], None if neg_context is None else
-                            neg_context.shape[1], cfg, device, f"{node} at {width}x{height}")
+        check_sampling_fits(model.model, (batch, *shape), cond, neg_cond, cfg, device, f"{node} at {width}x{height}")
         # One seed per image (seed + index), so image i is the same whatever the batch size.
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
         if network is not None:
             network.set_multiplier(strength)
             network.attach()
         try:
-            latents = sample_euler(model.model, noise.to(device), context.to(device), lens.to(device),
-                                   None if neg_context is None else neg_context.to(device),
-                                   None if neg_lens is None else neg_lens.to(device),
+            latents = sample_euler(model.model, noise.to(device), cond.to(device),
+                                   None if neg_cond is None else neg_cond.to(device),
                                    steps=steps, cfg=cfg, shift=shift).float().cpu()
         finally:
             if network is not None:

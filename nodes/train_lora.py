@@ -19,13 +19,13 @@ from ..training.network.network import seeded_network
 from ..training.optimizers import OPTIMIZERS
 from ..training.plots import loss_curve, save_png
 from ..training.progress import ProgressEvent
-from ..training.prompts import SamplePrompt, parse_prompts, preview_specs
+from ..training.prompts import DEFAULT_GUIDANCE, SamplePrompt, parse_prompts, preview_specs
 from ..training.run_folder import RUN_ID_KEY, PreparedRun, free_adapter_path, prepare_run, run_lock
 from ..training.run_settings import run_settings
 from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
 from . import host
-from .comfy_io import conditioning_context, pil_to_image, vae_latent_decoder
+from .comfy_io import conditioning_record, pil_to_image, vae_latent_decoder
 from .inference_mode import outside_inference_mode
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
@@ -88,11 +88,16 @@ def previews_for(dit: DitModel, dataset: TrainingSet, prompts_text: str, conditi
         encoders = dataclasses.replace(encoders, decode=vae_latent_decoder(vae, dit))
     width, height = common_size(dataset)
     defaults = SamplePrompt(prompt="", width=width, height=height, seed=seed)
-    specs = preview_specs(parse_prompts(prompts_text, defaults), encoders)
+    references = dataset.data.preview_references()
+    specs = preview_specs(parse_prompts(prompts_text, defaults), encoders, dit.model.cfg.patch_size, references)
     if conditioning is not None:
-        context, lens = conditioning_context(conditioning, "TrainLoRA sample_conditioning")
+        cond = conditioning_record(conditioning, "TrainLoRA sample_conditioning", dit)
+        if cond.guidance is None:
+            cond = cond.with_guidance(DEFAULT_GUIDANCE)
+        if not cond.reference_latents:
+            cond = dataclasses.replace(cond, reference_latents=references)
         size = (encoders.latent_channels, height // encoders.latent_downscale, width // encoders.latent_downscale)
-        specs.append(PreviewSpec(context, lens, size, encoders.decode, steps=defaults.steps, cfg=defaults.cfg,
+        specs.append(PreviewSpec(cond, size, encoders.decode, steps=defaults.steps, cfg=defaults.cfg,
                                  shift=defaults.shift, seed=seed, captions=["(sample_conditioning)"]))
     return specs
 

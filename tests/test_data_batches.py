@@ -33,8 +33,8 @@ def take(dataset, n: int, batch_size: int = 2, seed: int = 0, start: int = 0):
 
 
 def same(a, b) -> bool:
-    return (torch.equal(a.latents, b.latents) and torch.equal(a.context, b.context)
-            and torch.equal(a.context_lens, b.context_lens))
+    return (torch.equal(a.latents, b.latents) and torch.equal(a.cond.context, b.cond.context)
+            and torch.equal(a.cond.context_lens, b.cond.context_lens))
 
 
 def item_indices(dataset, batch) -> list[int]:
@@ -94,14 +94,14 @@ def test_context_is_each_caption_zero_padded_to_the_longest_in_the_batch(folder)
     fixed_items = [i for i, item in enumerate(dataset.items) if "{" not in item.caption]
     checked = 0
     for batch in take(dataset, 12, batch_size=4):
-        assert batch.context.shape[1] == int(batch.context_lens.max())
+        assert batch.cond.context.shape[1] == int(batch.cond.context_lens.max())
         for row, index in enumerate(item_indices(dataset, batch)):
-            length = int(batch.context_lens[row])
-            assert not batch.context[row, length:].any()
+            length = int(batch.cond.context_lens[row])
+            assert not batch.cond.context[row, length:].any()
             if index in fixed_items:
                 states, lens = encoders.text.encode([dataset.items[index].caption])
                 assert length == int(lens[0])
-                assert torch.equal(batch.context[row, :length], states[0, :length])
+                assert torch.equal(batch.cond.context[row, :length], states[0, :length])
                 checked += 1
     assert checked > 10
 

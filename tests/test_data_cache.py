@@ -25,7 +25,7 @@ def assert_same_batches(first, second):
     assert len(first) == len(second)
     for a, b in zip(first, second):
         assert torch.equal(a.latents, b.latents)
-        assert torch.equal(a.context, b.context) and torch.equal(a.context_lens, b.context_lens)
+        assert torch.equal(a.cond.context, b.cond.context) and torch.equal(a.cond.context_lens, b.cond.context_lens)
 
 
 def test_a_second_run_encodes_nothing_and_gives_the_same_batches(tmp_path):

@@ -132,7 +132,7 @@ def test_inference_tensors_from_core_nodes_train_and_sample(comfy_host, real_mod
     assert not any(p.is_inference() for p in dit.model.parameters())  # LoadDiT's weights are trainable against
     # What the dataset nodes keep is made outside inference mode, so training may even change it in place.
     weighted = run.outputs["7"][0].data
-    kept = [*weighted._latents, *weighted._weights, *weighted._text._memory.values()]
+    kept = [*weighted._latents, *weighted._weights, *(r.context for r in weighted._text._memory.values())]
     assert len(kept) >= 6 and not any(t.is_inference() for t in kept)
     assert next(weighted.batches(2, seed=0)).weights is not None  # the MASK weighs the loss
     assert [m["step"] for m in comfy_host.events("dit_trainer.samples")] == [1, 2]  # previews from CONDITIONING

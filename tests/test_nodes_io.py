@@ -70,10 +70,10 @@ def test_dataset_encodes_images_with_the_vae_into_model_space_and_captions_with_
             expected[f"photo number {i}"] = FLUX.to_model(raw)[0]
         states = {f"photo number {i}": clip.encode_from_tokens(clip.tokenize(f"photo number {i}"))["cond"][0, :3]
                   for i in range(2)}
-    assert not batch.latents.is_inference() and not batch.context.is_inference()  # trainable outside it
+    assert not batch.latents.is_inference() and not batch.cond.context.is_inference()  # trainable outside it
     for row in range(2):
-        caption = next(c for c, s in states.items() if torch.allclose(batch.context[row, :3], s))
-        assert batch.context_lens[row] == 3  # the attention mask, not CLIP's padding
+        caption = next(c for c, s in states.items() if torch.allclose(batch.cond.context[row, :3], s))
+        assert batch.cond.context_lens[row] == 3  # the attention mask, not CLIP's padding
         assert torch.allclose(batch.latents[row], expected[caption], atol=1e-5)
 
 

@@ -36,7 +36,7 @@ def test_preview_specs_encode_each_prompt_at_its_size():
     prompts = parse_prompts("a magenta circle --w 32 --h 16 --l 4 --n a red circle\na blue square", DEFAULTS)
     first, second = preview_specs(prompts, demo_encoders())
     assert first.latent_shape == (12, 8, 16) and second.latent_shape == (12, 16, 32)  # pixel VAE: 2x down
-    assert first.cfg == 4.0 and first.neg_context is not None and second.neg_context is None  # cfg 1: no negative
-    assert first.captions == ["a magenta circle"] and int(first.context_lens[0]) == 3
+    assert first.cfg == 4.0 and first.neg_cond is not None and second.neg_cond is None  # cfg 1: no negative
+    assert first.captions == ["a magenta circle"] and int(first.cond.context_lens[0]) == 3
     with pytest.raises(ValueError, match="multiples of 4"):
         preview_specs(parse_prompts("a cat --w 34 --h 32"), demo_encoders())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dit_trainer.training.conditioning import Conditioning
 from dit_trainer.training.checkpoint import (
     ADAPTER_FILE,
     EMA_ADAPTER_FILE,
@@ -28,7 +29,7 @@ def tiny_model_and_data():
     model = ZImageDiT(cfg).requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     # 5 examples, batch 2: every epoch is a fresh shuffle and drops one example.
-    data = LatentDataset(torch.randn(5, 4, 4, 4, generator=g), torch.randn(5, 3, 8, generator=g), torch.full((5,), 3))
+    data = LatentDataset(torch.randn(5, 4, 4, 4, generator=g), Conditioning(torch.randn(5, 3, 8, generator=g), torch.full((5,), 3)))
     return model, data
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dit_trainer.training.conditioning import Conditioning
 from dit_trainer.training.config import TrainConfig
 from dit_trainer.training.data.latents import LatentDataset
 from dit_trainer.training.loop import train
@@ -89,9 +90,9 @@ def test_weighted_loss_is_the_weighted_mean_and_ignores_zero_weight():
 def test_euler_is_exact_for_the_ideal_velocity_of_a_point_mass():
     """For data x0 fixed, v = (x_t - x0) / sigma is the ideal flow; Euler on it lands on x0."""
     x0 = torch.randn(2, 3, 4, 4)
-    oracle = lambda x, sigma, ctx, lens: (x - x0) / sigma.view(-1, 1, 1, 1)  # noqa: E731
+    oracle = lambda x, sigma, context, context_lens: (x - x0) / sigma.view(-1, 1, 1, 1)  # noqa: E731
     noise = torch.randn(2, 3, 4, 4)
-    out = sample_euler(oracle, noise, torch.zeros(2, 1, 1), None, steps=7, shift=3.0)
+    out = sample_euler(oracle, noise, Conditioning(torch.zeros(2, 1, 1), torch.ones(2, dtype=torch.long)), steps=7, shift=3.0)
     assert torch.allclose(out, x0, atol=1e-5)
     sig = sigma_schedule(4, 3.0)
     assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[2] == pytest.approx(0.75)
@@ -102,7 +103,7 @@ def tiny_setup(seed=0):
     cfg = ZImageConfig(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_dim=64, cap_feat_dim=8, t_mid_dim=32, axes_dims=[4, 6, 6])
     model = ZImageDiT(cfg)
     g = torch.Generator().manual_seed(seed)
-    data = LatentDataset(torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 3, 8, generator=g), torch.full((4,), 3))
+    data = LatentDataset(torch.randn(4, 4, 4, 4, generator=g), Conditioning(torch.randn(4, 3, 8, generator=g), torch.full((4,), 3)))
     return model, data
 
 
@@ -140,7 +141,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_advice():
             super().__init__()
             self.p = nn.Parameter(torch.zeros(()))
 
-        def forward(self, x, sigma, ctx, lens):
+        def forward(self, x, sigma, context, context_lens):
             return x * (self.p + float("nan"))
 
     _, data = tiny_setup()
@@ -171,7 +172,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients():
         return block_forward(*args)
 
     model.layers[0].forward = counted_forward
-    x, ctx, lens = data.latents[:2], data.context[:2], data.context_lens[:2]
+    x, ctx, lens = data.latents[:2], data.cond.context[:2], data.cond.context_lens[:2]
     grads = []
     for enabled in (False, True):
         model.gradient_checkpointing = enabled

@@ -32,6 +32,7 @@ class TrainConfig:
     scale_weight_norms: float = 0.0  # max-norm regularisation of the adapter (0: off)
     loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    guidance: float = 1.0  # distilled guidance a guidance-embedded model (Flux.1-dev) sees while training (musubi: 1.0)
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
     gradient_checkpointing: bool = False

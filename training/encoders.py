@@ -12,8 +12,12 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .conditioning import Conditioning
+
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] -> latents (B, C, H/d, W/d)
-TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # -> (N, L, D) zero-padded, (N,) lengths
+# -> a Conditioning of N rows (text states, lengths, pooled vector), or (states (N, L, D) zero-padded,
+# lengths (N,)) for text-only models
+TextEncoder = Callable[[list[str]], Conditioning | tuple[torch.Tensor, torch.Tensor]]
 LatentDecoder = Callable[[torch.Tensor], list[Image.Image]]  # latents -> images
 
 

@@ -44,6 +44,7 @@ from .checkpoint import (
     rng_state,
     save_state,
 )
+from .conditioning import Conditioning
 from .config import TrainConfig
 from .data.latents import LatentBatch
 from .ema import AdapterEMA
@@ -59,7 +60,6 @@ from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
 from .timesteps import sample_sigmas
 
 log = logging.getLogger(__name__)
-PATCH = 2  # every supported DiT patchifies latents 2x2; sets the token count for resolution shifts
 RESUME_HISTORY_KEY = "dit_trainer_resume_history"  # adapter metadata: settings changed on resume
 
 
@@ -73,12 +73,10 @@ class TrainingData(Protocol):
 class PreviewSpec:
     """Fixed prompts and seed, so successive previews are comparable."""
 
-    context: torch.Tensor  # (P, L, D)
-    context_lens: torch.Tensor  # (P,)
+    cond: Conditioning  # P rows: text states, guidance, reference latents
     latent_shape: tuple[int, int, int]  # (C, H, W)
     decode: Callable[[torch.Tensor], list[Image.Image]]  # latents -> images
-    neg_context: torch.Tensor | None = None  # (P, L', D)
-    neg_context_lens: torch.Tensor | None = None
+    neg_cond: Conditioning | None = None  # P rows (or one, repeated)
     steps: int = 20
     cfg: float = 1.0
     shift: float = 3.0
@@ -104,20 +102,18 @@ class TrainResult:
         return self.checkpoints[-1] if self.checkpoints else None
 
 
+def image_tokens(model: nn.Module, latent_hw: tuple[int, int]) -> int:
+    """Image tokens the model makes of a latent: cells / patch_size² (a module without a config: one per cell)."""
+    patch = getattr(getattr(model, "cfg", None), "patch_size", 1)
+    return (latent_hw[0] // patch) * (latent_hw[1] // patch)
+
+
 def render_previews(model: nn.Module, spec: PreviewSpec) -> list[Image.Image]:
     device = next(model.parameters()).device
-    noise = torch.randn((spec.context.shape[0], *spec.latent_shape), generator=torch.Generator().manual_seed(spec.seed))
-    latents = sample_euler(
-        model,
-        noise.to(device),
-        spec.context.to(device),
-        spec.context_lens.to(device),
-        None if spec.neg_context is None else spec.neg_context.to(device),
-        None if spec.neg_context_lens is None else spec.neg_context_lens.to(device),
-        steps=spec.steps,
-        cfg=spec.cfg,
-        shift=spec.shift,
-    )
+    noise = torch.randn((spec.cond.batch, *spec.latent_shape), generator=torch.Generator().manual_seed(spec.seed))
+    negative = None if spec.neg_cond is None else spec.neg_cond.expand(spec.cond.batch).to(device)
+    latents = sample_euler(model, noise.to(device), spec.cond.to(device), negative,
+                           steps=spec.steps, cfg=spec.cfg, shift=spec.shift)
     return spec.decode(latents.float().cpu())
 
 
@@ -266,9 +262,8 @@ class _Run:
         self.start_step, self.micro_batches = 0, 0
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
             for spec in self.specs:
-                negative = None if spec.neg_context is None else spec.neg_context.shape[1]
-                check_sampling_fits(self.model, (spec.context.shape[0], *spec.latent_shape), spec.context.shape[1],
-                                    negative, spec.cfg, self.accelerator.device, spec.label)
+                check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
+                                    spec.cfg, self.accelerator.device, spec.label)
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
@@ -366,13 +361,13 @@ class _Run:
         self.micro_batches += 1
         x0 = batch.latents.to(accelerator.device)
         noise = torch.randn(x0.shape, generator=self.noise_rng).to(accelerator.device)
-        n_tokens = (x0.shape[-2] // PATCH) * (x0.shape[-1] // PATCH)
+        n_tokens = image_tokens(self.model, x0.shape[-2:])  # resolution-dependent shifts count these
         sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng).to(accelerator.device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
+        cond = batch.cond.with_guidance(cfg.guidance).to(accelerator.device)
         with accelerator.accumulate(self.trainable), accelerator.autocast():
-            pred = self.model(noisy, sigma, batch.context.to(accelerator.device),
-                              batch.context_lens.to(accelerator.device))
+            pred = self.model(noisy, sigma, **cond.model_inputs(self.model))
             weights = None if batch.weights is None else batch.weights.to(accelerator.device)
             loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma)
             if not torch.isfinite(loss):

@@ -11,18 +11,25 @@ One prompt per line; `#` starts a comment line. Options follow the prompt text:
 
 An option missing from a line takes the caller's default; a line without --d gets
 seed `default seed + line index`, so previews stay comparable from one sample step to
-the next. Distilled guidance is kept for guidance-distilled models (Flux.1 dev); models
-without a guidance input ignore it.
+the next. Distilled guidance (default 3.5, as ComfyUI's FluxGuidance) is read by
+guidance-distilled models (Flux.1-dev, Flux.2 dev); models without a guidance input
+ignore it, as they do in ComfyUI.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import torch
+
+from .conditioning import Conditioning, as_conditioning
 from .encoders import Encoders
 from .loop import PreviewSpec
+
+DEFAULT_GUIDANCE = 3.5  # --g when a line gives none: ComfyUI's FluxGuidance default
 
 
 @dataclass
@@ -79,24 +86,29 @@ def parse_prompts(text: str, defaults: SamplePrompt | None = None) -> list[Sampl
     return [parse_prompt_line(line, defaults, i) for i, line in enumerate(lines)]
 
 
-def preview_specs(prompts: list[SamplePrompt], encoders: Encoders) -> list[PreviewSpec]:
-    """One PreviewSpec per prompt (sizes and seeds may differ from line to line)."""
+def preview_specs(prompts: list[SamplePrompt], encoders: Encoders, patch: int = 2,
+                  reference_latents: tuple[torch.Tensor, ...] = ()) -> list[PreviewSpec]:
+    """One PreviewSpec per prompt (sizes and seeds may differ from line to line).
+
+    `patch`: latent cells per model token side, so sizes are whole tokens. `reference_latents`
+    (one-row model-space latents) are the reference images every preview of an edit model sees.
+    """
     specs = []
-    encode_text, downscale = encoders.encode_text, encoders.latent_downscale
-    multiple = downscale * 2  # the DiTs patchify latents 2x2
+    downscale = encoders.latent_downscale
+    multiple = downscale * patch
     for p in prompts:
         if p.width % multiple or p.height % multiple:
             raise ValueError(f"sample prompt {p.prompt!r}: --w {p.width} / --h {p.height} must be multiples of {multiple}")
-        context, lens = encode_text([p.prompt])
-        neg_context, neg_lens = encode_text([p.negative]) if p.cfg != 1.0 else (None, None)
+        guidance = DEFAULT_GUIDANCE if p.guidance is None else p.guidance
+        cond = encode_prompts(encoders, [p.prompt]).with_guidance(guidance)
+        cond = dataclasses.replace(cond, reference_latents=reference_latents)
+        negative = encode_prompts(encoders, [p.negative]) if p.cfg != 1.0 else None
         specs.append(
             PreviewSpec(
-                context=context,
-                context_lens=lens,
+                cond=cond,
                 latent_shape=(encoders.latent_channels, p.height // downscale, p.width // downscale),
                 decode=encoders.decode,
-                neg_context=neg_context,
-                neg_context_lens=neg_lens,
+                neg_cond=negative,
                 steps=p.steps,
                 cfg=p.cfg,
                 shift=p.shift,
@@ -106,3 +118,7 @@ def preview_specs(prompts: list[SamplePrompt], encoders: Encoders) -> list[Previ
             )
         )
     return specs
+
+
+def encode_prompts(encoders: Encoders, prompts: list[str]) -> Conditioning:
+    return as_conditioning(encoders.encode_text(prompts), len(prompts))

@@ -27,7 +27,7 @@ from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
 from .encoders import Encoders
 from .loop import PreviewSpec, TrainResult, resume_check, save_trained_adapter, train
-from .models.latent_formats import FLUX
+from .models.latent_formats import LatentFormat, latent_format_for
 from .models.loader import load_dit
 from .network.network import seeded_network
 from .plots import loss_curve, save_png
@@ -66,7 +66,7 @@ def load_model(checkpoint: str, dtype: str, attention: str) -> torch.nn.Module:
     return model
 
 
-def cache_only_encoders(cfg: RunConfig) -> Encoders:
+def cache_only_encoders(cfg: RunConfig, latents: LatentFormat) -> Encoders:
     """Encoders for a real model in the CLI: everything must come from DatasetFromFolder's caches."""
     if not cfg.data.encoder_id:
         raise ValueError(
@@ -89,23 +89,23 @@ def cache_only_encoders(cfg: RunConfig) -> Encoders:
         raise ValueError("[sample] previews need the model's VAE and text encoder, which the CLI does not load; "
                          "sample in ComfyUI, or leave [sample] empty")
     return Encoders(missing("an image latent"), missing("a caption embedding"), missing("a decoder"),
-                    FLUX.downscale, FLUX.channels, cfg.data.encoder_id)
+                    latents.downscale, latents.channels, cfg.data.encoder_id)
 
 
-def encoders_for(cfg: RunConfig) -> Encoders:
+def encoders_for(cfg: RunConfig, model: torch.nn.Module) -> Encoders:
     from .demo.encoders import demo_encoders
 
     if cfg.model.checkpoint == DEMO:
         return demo_encoders()
-    return cache_only_encoders(cfg)
+    return cache_only_encoders(cfg, latent_format_for(model.architecture))
 
 
-def build_previews(cfg: RunConfig, encoders: Encoders) -> list[PreviewSpec]:
+def build_previews(cfg: RunConfig, encoders: Encoders, patch: int) -> list[PreviewSpec]:
     s = cfg.sample
     text = Path(s.prompts_file).read_text(encoding="utf-8") if s.prompts_file else s.prompts
     defaults = SamplePrompt(prompt="", width=s.width, height=s.height, steps=s.steps, cfg=s.cfg, shift=s.shift, seed=s.seed)
     prompts = parse_prompts(text, defaults)
-    return preview_specs(prompts, encoders) if prompts else []
+    return preview_specs(prompts, encoders, patch) if prompts else []
 
 
 def dataset_folder(cfg: RunConfig) -> Path:
@@ -139,7 +139,7 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
     run_dir = cfg.output.run_dir
     with run_lock(run_dir, "[output] name"):
         model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
-        encoders = encoders_for(cfg)
+        encoders = encoders_for(cfg, model)
         folder = dataset_folder(cfg)
         data_cfg = DataConfig(**cfg.data.options)
         identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
@@ -163,7 +163,7 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
         log.info("%s", data.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id}
         result = train(
-            model, network, data, cfg.train, on_progress, build_previews(cfg, encoders),
+            model, network, data, cfg.train, on_progress, build_previews(cfg, encoders, model.cfg.patch_size),
             run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
             settings=settings,
         )

@@ -76,15 +76,19 @@ def check_latent_cache(buckets: list[tuple[int, int]], downscale: int, cache_fol
 
 
 def check_attention_fits(model: torch.nn.Module, batch: int, latent_hw: tuple[int, int], text_tokens: int,
-                         device: torch.device, what: str, fix: str) -> None:
-    """Refuse (CPU only) a forward whose attention score matrix cannot fit in the machine's memory."""
+                         device: torch.device, what: str, fix: str,
+                         reference_hw: list[tuple[int, int]] = ()) -> None:
+    """Refuse (CPU only) a forward whose attention score matrix cannot fit in the machine's memory.
+
+    `reference_hw`: latent sizes of reference images, whose tokens join the sequence."""
     memory = machine_memory()
     cfg = getattr(model, "cfg", None)
     if device.type != "cpu" or memory is None or cfg is None:
         return
     patch = getattr(cfg, "patch_size", 2)
-    tokens = (latent_hw[0] // patch) * (latent_hw[1] // patch) + text_tokens
-    need = batch * getattr(cfg, "n_heads", 1) * tokens * tokens * 4
+    tokens = sum((h // patch) * (w // patch) for h, w in [latent_hw, *reference_hw]) + text_tokens
+    heads = getattr(cfg, "n_heads", getattr(cfg, "num_heads", 1))
+    need = batch * heads * tokens * tokens * 4
     if need > MEMORY_SHARE * memory:
         raise ValueError(
             f"{what}: {tokens} tokens per image give attention scores of about {need / GB:.0f} GB on the CPU, more "

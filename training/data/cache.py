@@ -3,7 +3,8 @@
 * Latents: one safetensors file per image, <cache_dir>/latents/<key>.safetensors, with
   key = sha256(format version, encoder_id, latent downscale, image bytes, mask source and
   mask bytes, bucket, resize, crop). See `latent_key`.
-* Text: one file per caption string, <cache_dir>/text/<key>.safetensors, with
+* Text: one file per caption string, <cache_dir>/text/<key>.safetensors (its states and,
+  for encoders that give one, its pooled vector), with
   key = sha256(format version, encoder_id, caption), plus an in-memory LRU. Shuffled,
   dropped and wildcard variants are separate strings, each encoded once on first use.
 
@@ -18,10 +19,11 @@ import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..conditioning import Conditioning, as_conditioning
+from ..encoders import TextEncoder
 from ..storage import atomic_save_safetensors, read_safetensors
 from .buckets import Placement
 
@@ -29,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CACHE_FIX = "set cache_dir to a writable folder with free space, or turn cache_latents_to_disk off"
 CACHE_FORMAT_VERSION = "1"  # bump when the stored tensors change meaning
-TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 # With caption shuffling the number of distinct caption strings grows without bound,
 # so only this much of their embeddings stays in memory; the rest is re-read from disk.
 TEXT_MEMORY_BUDGET_BYTES = 2 << 30
@@ -68,64 +69,78 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def _nbytes(record: Conditioning) -> int:
+    return sum(t.numel() * t.element_size() for t in (record.context, record.pooled) if t is not None)
+
+
+def _stored(record: Conditioning) -> dict[str, torch.Tensor]:
+    tensors = {"states": record.context[0]}
+    if record.pooled is not None:
+        tensors["pooled"] = record.pooled[0]
+    return tensors
+
+
+def _from_stored(tensors: dict[str, torch.Tensor]) -> Conditioning | None:
+    states = tensors.get("states")
+    if states is None:
+        return None
+    pooled = tensors.get("pooled")
+    return Conditioning(states[None], torch.tensor([states.shape[0]]), None if pooled is None else pooled[None])
+
+
 class TextEmbeddingCache:
-    """Caption string -> text-encoder states [length, D], from memory, disk, or the encoder."""
+    """Caption string -> its one-row conditioning record (states trimmed to its length, pooled
+    vector), from memory, disk, or the encoder."""
 
     def __init__(self, encode_text: TextEncoder, encoder_id: str, folder: Path | None) -> None:
         self.encode_text = encode_text
         self.encoder_id = encoder_id
         self.folder = folder  # None: memory only
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[str, Conditioning] = OrderedDict()
         self._memory_bytes = 0
 
     def key(self, caption: str) -> str:
         return content_key(CACHE_FORMAT_VERSION, self.encoder_id, caption)
 
-    def _remember(self, key: str, states: torch.Tensor) -> None:
+    def _remember(self, key: str, record: Conditioning) -> None:
         if key in self._memory:
             self._memory.move_to_end(key)
             return
-        self._memory[key] = states
-        self._memory_bytes += states.numel() * states.element_size()
+        self._memory[key] = record
+        self._memory_bytes += _nbytes(record)
         while self._memory_bytes > TEXT_MEMORY_BUDGET_BYTES and len(self._memory) > 1:
             _, evicted = self._memory.popitem(last=False)
-            self._memory_bytes -= evicted.numel() * evicted.element_size()
+            self._memory_bytes -= _nbytes(evicted)
 
-    def _lookup(self, caption: str) -> torch.Tensor | None:
+    def _lookup(self, caption: str) -> Conditioning | None:
         key = self.key(caption)
-        states = self._memory.get(key)
-        if states is None and self.folder is not None:
+        record = self._memory.get(key)
+        if record is None and self.folder is not None:
             stored = load_tensors(self.folder / f"{key}.safetensors")
-            states = None if stored is None else stored.get("states")
-        if states is not None:
-            self._remember(key, states)
-        return states
+            record = None if stored is None else _from_stored(stored)
+        if record is not None:
+            self._remember(key, record)
+        return record
 
-    def get(self, captions: list[str]) -> list[torch.Tensor]:
-        """States [length_i, D] per caption; all uncached captions go to the encoder in one call."""
+    def get(self, captions: list[str]) -> list[Conditioning]:
+        """One-row records per caption; all uncached captions go to the encoder in one call."""
         found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
-        missing = [caption for caption, states in found.items() if states is None]
+        missing = [caption for caption, record in found.items() if record is None]
         if missing:
-            for caption, states in zip(missing, self._encode(missing)):
+            for caption, record in zip(missing, self._encode(missing)):
                 key = self.key(caption)
                 if self.folder is not None:
-                    save_tensors(self.folder / f"{key}.safetensors", {"states": states})
-                self._remember(key, states)
-                found[caption] = states
+                    save_tensors(self.folder / f"{key}.safetensors", _stored(record))
+                self._remember(key, record)
+                found[caption] = record
         return [found[caption] for caption in captions]
 
-    def _encode(self, captions: list[str]) -> list[torch.Tensor]:
+    def _encode(self, captions: list[str]) -> list[Conditioning]:
         with torch.no_grad():
-            output = self.encode_text(captions)
-        if not (isinstance(output, tuple) and len(output) == 2):
-            raise TypeError("the text encoder must return (states [N, L, D], lengths [N])")
-        states, lengths = output
-        if states.ndim != 3 or states.shape[0] != len(captions) or tuple(lengths.shape) != (len(captions),):
-            raise ValueError(
-                f"the text encoder returned states {tuple(states.shape)} and lengths {tuple(lengths.shape)} "
-                f"for {len(captions)} captions; expected [{len(captions)}, L, D] and [{len(captions)}]"
-            )
-        if int(lengths.max()) > states.shape[1] or int(lengths.min()) < 0:
-            raise ValueError(f"text encoder lengths {lengths.tolist()} fall outside 0..{states.shape[1]}")
+            output = as_conditioning(self.encode_text(captions), len(captions))
         # Trimmed to each length: the contract says states past it are zero padding.
-        return [states[i, : int(n)].detach().cpu().clone() for i, n in enumerate(lengths)]
+        return [
+            Conditioning(output.context[i : i + 1, : int(n)].detach().cpu().clone(), torch.tensor([int(n)]),
+                         None if output.pooled is None else output.pooled[i : i + 1].detach().cpu().clone())
+            for i, n in enumerate(output.context_lens)
+        ]

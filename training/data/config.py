@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 MASK_MODES = ("auto", "folder", "alpha", "none")
+MASK_FOLDER_NAME = "masks"
 
 
 @dataclass
@@ -29,6 +30,7 @@ class DataConfig:
     caption_separator: str = ","  # splits a caption into pieces for shuffling
     caption_dropout: float = 0.0  # probability that a draw uses the empty caption
     masks: str = "auto"  # auto | folder | alpha | none (see files.py)
+    control_folder: str = ""  # subfolder of same-stem control images for edit training (Kontext, Flux.2); "" = none
     cache_latents_to_disk: bool = True  # latent and text-embedding caches under cache_dir
     cache_dir: str | Path | None = None  # default: <folder>/.dit_cache
 
@@ -73,6 +75,11 @@ class DataConfig:
         dropout = self.caption_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout!r}")
+        control = self.control_folder
+        if not isinstance(control, str) or (control and (control.startswith(".") or "/" in control or "\\" in control)):
+            raise ValueError(f"control_folder names a subfolder of each image folder (e.g. 'control'), got {control!r}")
+        if control == MASK_FOLDER_NAME:
+            raise ValueError(f"control_folder cannot be '{MASK_FOLDER_NAME}': that folder holds loss masks")
         if self.masks not in MASK_MODES:
             raise ValueError(f"masks must be one of {', '.join(MASK_MODES)}, got {self.masks!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, Path)):

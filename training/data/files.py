@@ -5,6 +5,9 @@ Layout (kohya sd-scripts' DreamBooth style):
     folder/
         a.png  a.txt            an image and its caption (same stem, caption_extension)
         masks/a.png             optional loss mask for a.png (same stem, any image extension)
+        control/a.png           with control_folder="control": the reference image of the
+                                edit pair a.png (Kontext / Flux.2 edit training); several
+                                references are control/a_0.png, control/a_1.png, ...
         10_concept/             "N_name" subfolder: its images repeat N x repeats times per epoch
             b.jpg  b.txt
             masks/b.png
@@ -22,6 +25,12 @@ Masks (`DataConfig.masks`), decided per image:
 A mask file must have the same size as its image (kohya asserts the same for its
 conditioning images); masks are not stretched to fit, since a stretched mask marks the
 wrong pixels.
+
+Control images (edit pairs): with `control_folder` set, every image needs the same
+number of control images (one or more) in that subfolder of its own folder; an image
+without one is an error that lists them, since training an edit model on an unpaired
+image teaches it to ignore its reference. Control images may have any size: each is
+resized and centre-cropped to its target's bucket (as ai-toolkit and musubi-tuner do).
 """
 
 from __future__ import annotations
@@ -34,12 +43,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DataConfig
+from .config import MASK_FOLDER_NAME, DataConfig
 from .images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-MASKS_FOLDER = "masks"
+MASKS_FOLDER = MASK_FOLDER_NAME
 _REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
 
 
@@ -51,6 +60,7 @@ class ImageFile:
     repeats: int  # examples per epoch
     mask_source: str  # "file" | "alpha" | "alpha_if_transparent" | "none"
     mask_path: Path | None  # the mask file when mask_source is "file"
+    controls: tuple[Path, ...] = ()  # reference images of an edit pair, in order
 
 
 def is_image(path: Path) -> bool:
@@ -77,7 +87,7 @@ def _image_folders(folder: Path, cfg: DataConfig) -> list[tuple[Path, int]]:
     folders = [(folder, cfg.repeats)]
     skipped = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if sub.name.startswith(".") or sub.name == MASKS_FOLDER:
+        if sub.name.startswith(".") or sub.name in (MASKS_FOLDER, cfg.control_folder):
             continue
         match = _REPEAT_FOLDER.fullmatch(sub.name)
         if match is None or int(match.group(1)) < 1:
@@ -104,6 +114,40 @@ def _mask_files(image_folder: Path) -> dict[str, Path] | None:
     return by_stem
 
 
+def _control_files(image_folder: Path, control_folder: str) -> dict[str, tuple[Path, ...]]:
+    """Control images per image stem: `<stem>.*` alone, or `<stem>_0.*`, `<stem>_1.*`, ... in index order."""
+    folder = image_folder / control_folder
+    if not folder.is_dir():
+        return {}
+    single: dict[str, Path] = {}
+    numbered: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if not is_image(path):
+            continue
+        single.setdefault(path.stem, path)
+        if match := re.fullmatch(r"(.+)_(\d+)", path.stem):
+            numbered.setdefault(match.group(1), {}).setdefault(int(match.group(2)), path)
+    controls = {stem: tuple(paths[i] for i in sorted(paths)) for stem, paths in numbered.items()}
+    controls.update({stem: (path,) for stem, path in single.items() if stem not in controls})
+    return controls
+
+
+def _check_controls(images: list[ImageFile], folder: Path, control_folder: str) -> None:
+    missing = [image.path for image in images if not image.controls]
+    if missing:
+        raise FileNotFoundError(
+            f"control_folder='{control_folder}': {len(missing)} image(s) in {folder} have no control image in their "
+            f"folder's '{control_folder}/' subfolder (same stem, or <stem>_0, <stem>_1, ...): {name_list(missing)}; "
+            "add them, move unpaired images out, or clear control_folder for plain training"
+        )
+    counts = {len(image.controls) for image in images}
+    if len(counts) > 1:
+        raise ValueError(
+            f"control_folder='{control_folder}': images have different numbers of control images ({sorted(counts)}); "
+            "give every edit pair the same number of references"
+        )
+
+
 def scan_folder(folder: Path, cfg: DataConfig) -> list[ImageFile]:
     """Every image under `folder` with its caption, repeats and mask source, sorted by path."""
     if not folder.is_dir():
@@ -113,6 +157,7 @@ def scan_folder(folder: Path, cfg: DataConfig) -> list[ImageFile]:
     for image_folder, repeats in _image_folders(folder, cfg):
         masks = _mask_files(image_folder) if cfg.masks in ("auto", "folder") else None
         masks_folder_seen |= masks is not None
+        controls = _control_files(image_folder, cfg.control_folder) if cfg.control_folder else {}
         for path in sorted(p for p in image_folder.iterdir() if is_image(p)):
             caption_path = path.with_suffix(cfg.caption_extension)
             caption_missing = not caption_path.is_file()
@@ -132,7 +177,10 @@ def scan_folder(folder: Path, cfg: DataConfig) -> list[ImageFile]:
                 repeats=repeats,
                 mask_source=mask_source,
                 mask_path=mask_path,
+                controls=controls.get(path.stem, ()),
             ))
+    if cfg.control_folder:
+        _check_controls(images, folder, cfg.control_folder)
     if cfg.masks == "folder" and not masks_folder_seen:
         raise FileNotFoundError(
             f"masks='folder' but neither {folder} nor its N_name subfolders have a '{MASKS_FOLDER}' "

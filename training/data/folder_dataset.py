@@ -3,7 +3,8 @@
 The engine never sees a VAE or text encoder, only two callables:
 
     ImageEncoder: images [B, 3, H, W] float in [0, 1] -> latents [B, C, H/d, W/d]
-    TextEncoder:  captions -> (states [N, L, D] zero past each length, lengths [N])
+    TextEncoder:  captions -> a Conditioning record (conditioning.py), or for text-only
+                  models (states [N, L, D] zero past each length, lengths [N])
 
 `FolderDataset.from_folder` scans the folder (files.py), assigns buckets (buckets.py),
 loads each image's latents from the disk cache or encodes them (cache.py), and keeps the
@@ -25,8 +26,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..conditioning import Conditioning
 from ..size_checks import check_latent_cache, check_upscale
-from .buckets import ImageTooSmall, Placement, Size, place_image
+from .buckets import ImageTooSmall, Placement, Size, cover, place_image
 from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
 from .captions import fixed_caption, process_caption
 from .config import DataConfig
@@ -63,6 +65,7 @@ class _Encoded:
     latents: torch.Tensor  # (C, h, w)
     mask: torch.Tensor | None  # (1, h, w) in [0, 1]
     from_cache: bool
+    references: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (C, h, w) per control image
 
 
 class _Unusable(Exception):
@@ -125,6 +128,53 @@ def _check_sizes(planned: list[_Planned], cfg: DataConfig, downscale: int, laten
 def _load_or_encode(
     planned: _Planned, encode_images: ImageEncoder, downscale: int, encoder_id: str, latent_folder: Path | None,
 ) -> _Encoded:
+    encoded = _load_or_encode_target(planned, encode_images, downscale, encoder_id, latent_folder)
+    encoded.references = [_load_or_encode_control(path, planned.placement.bucket, encode_images, downscale, encoder_id,
+                                                  latent_folder) for path in planned.file.controls]
+    return encoded
+
+
+def _encode_checked(encode_images: ImageEncoder, pixels: torch.Tensor, path: Path, bucket: Size,
+                    latent_size: tuple[int, int], downscale: int) -> torch.Tensor:
+    """Latents (C, h, w) of one bucket-sized image, checked against the size the VAE should give."""
+    with torch.no_grad():
+        latents = encode_images(pixels[None])
+    if latents.ndim != 4 or latents.shape[0] != 1 or tuple(latents.shape[-2:]) != latent_size:
+        raise ValueError(
+            f"the image encoder turned {path.name} ({bucket[0]}x{bucket[1]}) into latents of shape "
+            f"{tuple(latents.shape)}; expected [1, C, {latent_size[0]}, {latent_size[1]}]. "
+            f"Is latent_downscale={downscale} right for this VAE?"
+        )
+    return latents[0].detach().cpu()
+
+
+def _load_or_encode_control(path: Path, bucket: Size, encode_images: ImageEncoder, downscale: int, encoder_id: str,
+                            latent_folder: Path | None) -> torch.Tensor:
+    """A control image resized and centre-cropped to its target's bucket, as latents (C, h, w)."""
+    try:
+        image_bytes = path.read_bytes()
+        placement = cover(read_info(image_bytes).size, bucket)
+    except Exception as error:  # a broken control image breaks its pair: the user must fix it
+        raise ValueError(f"control image {path} cannot be read ({error}); fix or replace it") from error
+    latent_size = (bucket[1] // downscale, bucket[0] // downscale)
+    key = latent_key(encoder_id, downscale, image_bytes, "control", b"", placement)
+    cache_path = None if latent_folder is None else latent_folder / f"{key}.safetensors"
+    stored = None if cache_path is None else load_tensors(cache_path)
+    if stored is not None and "latents" in stored and tuple(stored["latents"].shape[-2:]) == latent_size:
+        return stored["latents"]
+    try:
+        rgb, _ = decode_image(image_bytes)
+    except Exception as error:
+        raise ValueError(f"control image {path} cannot be decoded ({error}); fix or replace it") from error
+    latents = _encode_checked(encode_images, fit_to_bucket(rgb, placement), path, bucket, latent_size, downscale)
+    if cache_path is not None:
+        save_tensors(cache_path, {"latents": latents}, metadata={"image": path.name, "format": "dit_trainer latents"})
+    return latents
+
+
+def _load_or_encode_target(
+    planned: _Planned, encode_images: ImageEncoder, downscale: int, encoder_id: str, latent_folder: Path | None,
+) -> _Encoded:
     file, placement, size = planned.file, planned.placement, planned.size
     try:
         image_bytes = file.path.read_bytes()
@@ -156,15 +206,8 @@ def _load_or_encode(
         rgb, alpha = decode_image(image_bytes)
     except Exception as error:
         raise _Unusable(f"cannot decode: {error}") from error
-    with torch.no_grad():
-        latents = encode_images(fit_to_bucket(rgb, placement)[None])
-    if latents.ndim != 4 or latents.shape[0] != 1 or tuple(latents.shape[-2:]) != latent_size:
-        raise ValueError(
-            f"the image encoder turned {file.path.name} ({placement.bucket[0]}x{placement.bucket[1]}) into latents "
-            f"of shape {tuple(latents.shape)}; expected [1, C, {latent_size[0]}, {latent_size[1]}]. "
-            f"Is latent_downscale={downscale} right for this VAE?"
-        )
-    latents = latents[0].detach().cpu()
+    latents = _encode_checked(encode_images, fit_to_bucket(rgb, placement), file.path, placement.bucket, latent_size,
+                              downscale)
 
     mask = _image_space_mask(file.mask_source, mask_bytes, alpha)
     latent_mask = None if mask is None else mask_to_latent(mask, placement, downscale)
@@ -196,6 +239,7 @@ class FolderDataset:
         self._placements = [e.placement for e in encoded]
         self._latents = [e.latents for e in encoded]
         self._masks = [e.mask for e in encoded]
+        self._references = [e.references for e in encoded]
         self._weights: list[torch.Tensor] | None = None  # (1, h, w) per item once weighting is on
         self._mask_gamma, self._mask_min_weight = 1.0, 0.0
         self._text = text_cache
@@ -306,17 +350,16 @@ class FolderDataset:
 
     def _batch(self, members: list[int], caption_rng: torch.Generator) -> LatentBatch:
         captions = [process_caption(self.items[i].caption, self.cfg, caption_rng) for i in members]
-        states = self._text.get(captions)
-        longest = max(1, max(s.shape[0] for s in states))
-        context = states[0].new_zeros(len(members), longest, states[0].shape[-1])  # (B, L, D)
-        for row, s in enumerate(states):
-            context[row, : s.shape[0]] = s
         return LatentBatch(
             latents=torch.stack([self._latents[i] for i in members]),  # (B, C, h, w)
-            context=context,
-            context_lens=torch.tensor([s.shape[0] for s in states], dtype=torch.int64),
+            cond=dataclasses.replace(Conditioning.collate(self._text.get(captions)), reference_latents=tuple(
+                torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))),
             weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
         )
+
+    def preview_references(self) -> tuple[torch.Tensor, ...]:
+        """The first edit pair's reference latents, one row each, for previews of an edit model; () without pairs."""
+        return tuple(r[None] for r in self._references[0])
 
     def with_mask_weights(
         self, gamma: float = 1.0, min_weight: float = 0.0, masks: list[torch.Tensor | None] | None = None
@@ -394,6 +437,9 @@ class FolderDataset:
         else:
             use = "the loss is unweighted"
         lines.append(f"masks: {n_masks} of {len(self.items)} images, {use}")
+        if self.cfg.control_folder:
+            lines.append(f"edit pairs: {len(self._references[0])} control image(s) per image from "
+                         f"{self.cfg.control_folder}/, resized to each image's bucket")
         if self._skipped:
             lines.append(f"skipped: {len(self._skipped)} unusable image(s): {name_list([p for p, _ in self._skipped])}")
         lines.append(f"latents: {self._from_cache} from cache, {len(self.items) - self._from_cache} encoded")

@@ -7,14 +7,14 @@ from typing import Iterator
 
 import torch
 
+from ..conditioning import Conditioning
 from .order import seeded_generator
 
 
 @dataclass
 class LatentBatch:
     latents: torch.Tensor  # (B, C, H, W) clean latents x0
-    context: torch.Tensor  # (B, L, D) text-encoder states, zero past each length
-    context_lens: torch.Tensor  # (B,) valid caption tokens
+    cond: Conditioning  # text states (+ pooled, reference latents) of each row
     weights: torch.Tensor | None = None  # (B, 1, H, W) per-pixel loss weights
 
 
@@ -23,17 +23,17 @@ class LatentDataset:
     """Examples with one latent size (one bucket); captions zero-padded to one length."""
 
     latents: torch.Tensor
-    context: torch.Tensor
-    context_lens: torch.Tensor
+    cond: Conditioning
     weights: torch.Tensor | None = None
 
     def __post_init__(self):
         n = self.latents.shape[0]
         if n == 0:
             raise ValueError("the dataset is empty: no image could be encoded")
-        for name, tensor in (("context", self.context), ("context_lens", self.context_lens), ("weights", self.weights)):
-            if tensor is not None and tensor.shape[0] != n:
-                raise ValueError(f"dataset {name} has {tensor.shape[0]} rows but there are {n} latents")
+        for name, rows in (("conditioning", self.cond.batch), ("weights", None if self.weights is None else
+                                                                    self.weights.shape[0])):
+            if rows is not None and rows != n:
+                raise ValueError(f"dataset {name} has {rows} rows but there are {n} latents")
         if self.weights is not None and self.weights.shape[-2:] != self.latents.shape[-2:]:
             raise ValueError(
                 f"loss-weight mask size {tuple(self.weights.shape[-2:])} does not match the latent size "
@@ -53,10 +53,5 @@ class LatentDataset:
             order = torch.randperm(len(self), generator=seeded_generator(seed, "epoch", epoch))
             for i in range(offset, per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                yield LatentBatch(
-                    self.latents[idx],
-                    self.context[idx],
-                    self.context_lens[idx],
-                    None if self.weights is None else self.weights[idx],
-                )
+                yield LatentBatch(self.latents[idx], self.cond.rows(idx), None if self.weights is None else self.weights[idx])
             epoch, offset = epoch + 1, 0

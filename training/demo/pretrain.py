@@ -18,6 +18,7 @@ import torch
 
 from ..config import TrainConfig
 from ..console import progress_bar
+from ..conditioning import Conditioning
 from ..data.latents import LatentDataset
 from ..loop import train
 from ..models.loader import save_dit
@@ -33,9 +34,9 @@ def build_pretrain_dataset(n_samples: int, seed: int) -> LatentDataset:
     samples = pretrain_samples(n_samples, seed)
     drop = torch.rand(len(samples), generator=torch.Generator().manual_seed(seed)) < CAPTION_DROPOUT
     captions = ["" if dropped else s.caption for s, dropped in zip(samples, drop.tolist())]
-    context, lens = demo_text_encoder().encode(captions)
+    cond = Conditioning(*demo_text_encoder().encode(captions))
     latents = PixelVAE().encode(to_tensor([s.image for s in samples]))
-    return LatentDataset(latents, context, lens)
+    return LatentDataset(latents, cond)
 
 
 def main(argv: list[str] | None = None) -> None:

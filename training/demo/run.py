@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..conditioning import Conditioning
 from ..data.latents import LatentDataset
 from ..loop import PreviewSpec, TrainResult, render_previews, train
 from ..models.loader import load_dit
@@ -66,19 +67,18 @@ class DemoResult:
 
 def concept_dataset(n_images: int, seed: int) -> LatentDataset:
     samples = concept_samples(n_images, seed)
-    context, lens = demo_text_encoder().encode([s.caption for s in samples])
-    return LatentDataset(PixelVAE().encode(to_tensor([s.image for s in samples])), context, lens)
+    cond = Conditioning(*demo_text_encoder().encode([s.caption for s in samples]))
+    return LatentDataset(PixelVAE().encode(to_tensor([s.image for s in samples])), cond)
 
 
 def evaluation_spec(seeds_per_prompt: int, seed: int) -> PreviewSpec:
     """Every concept prompt with `seeds_per_prompt` noise seeds, negative = empty prompt."""
     prompts = [p for p in concept_prompts() for _ in range(seeds_per_prompt)]
     encoder = demo_text_encoder()
-    context, lens = encoder.encode(prompts)
-    neg, neg_lens = encoder.encode([""] * len(prompts))
     size = IMAGE_SIZE // PixelVAE.downscale
     return PreviewSpec(
-        context, lens, (PixelVAE.latent_channels, size, size), decode_images, neg, neg_lens,
+        Conditioning(*encoder.encode(prompts)), (PixelVAE.latent_channels, size, size), decode_images,
+        Conditioning(*encoder.encode([""] * len(prompts))),
         steps=SAMPLE_STEPS, cfg=SAMPLE_CFG, shift=SAMPLE_SHIFT, seed=seed,
     )
 

@@ -8,7 +8,9 @@ output -> training / sampling) or `to_vae` (sampler output -> VAEDecode input).
 
 Flux.1 and Z-Image share the Flux VAE and ComfyUI's `latent_formats.Flux`
 (SD3-style): process_in(z) = (z - shift) * scale, process_out(z) = z / scale + shift.
-The embedded demo's pixel "VAE" is already in model space: identity.
+Flux.2's VAE normalises its own latents (batch-norm statistics inside the VAE) and hands
+out 128 channels at 1/16 scale, already 2x2-patchified: ComfyUI's `latent_formats.Flux2`
+is the identity. The embedded demo's pixel "VAE" is already in model space: identity.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ class LatentFormat:
 
 
 FLUX = LatentFormat("flux", channels=16, downscale=8, scale_factor=0.3611, shift_factor=0.1159)
+FLUX2 = LatentFormat("flux2", channels=128, downscale=16)
 DEMO_PIXELS = LatentFormat("demo_pixels", channels=12, downscale=2)
 
 # Keyed by the engine's architecture name; "demo" is the embedded demo base.
 LATENT_FORMATS: dict[str, LatentFormat] = {
     "zimage": FLUX,
     "flux": FLUX,
+    "flux2": FLUX2,
     "demo": DEMO_PIXELS,
 }
 

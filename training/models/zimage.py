@@ -209,6 +209,7 @@ class ZImageDiT(nn.Module):
     """Z-Image transformer; `forward(x, sigma, context, context_lens)` -> noise - x0."""
 
     architecture = "zimage"
+    conditioning_fields: tuple[str, ...] = ()  # text states only (conditioning.py)
 
     def __init__(self, cfg: ZImageConfig):
         super().__init__()

@@ -3,8 +3,11 @@
 * `comfy_key_map`: comfy/lora.py `model_lora_keys_unet` for our models: the generic
   forms (`diffusion_model.<path>`, `lora_unet_<path_>`) plus, for Z-Image (Lumina2),
   the diffusers names from comfy/utils.py `z_image_to_diffusers` under the
-  `diffusion_model.` / `transformer.` / bare / `lycoris_` prefixes; q / k / v map to row
-  slices of the fused qkv.
+  `diffusion_model.` / `transformer.` / bare / `lycoris_` prefixes, and for Flux.1 and
+  Flux.2 (model_base.Flux2 subclasses Flux, so the same branch runs) those of
+  `flux_to_diffusers` under `transformer.` / `lycoris_` / `lora_transformer_` / bare,
+  plus `<path>.linear1_qkv`; q / k / v map to row slices of the fused qkv. Transcribed
+  from the 2026 ComfyUI source (after its Flux.2 support; 0.3.64 predates it).
 * `comfy_lora_patches`: comfy/lora.py `load_lora` + `LoRAAdapter.load` (the up / down
   key names it tries, in order; `alpha`, `dora_scale`), reporting keys not loaded.
 * `comfy_merge` / `comfy_patched_weights`: `LoRAAdapter.calculate_weight` +
@@ -82,7 +85,13 @@ def z_image_to_diffusers(n_layers: int, dim: int, n_refiner_layers: int, output_
 
 
 def flux_to_diffusers(depth: int, depth_single_blocks: int, hidden_size: int, output_prefix: str = "") -> dict:
-    """comfy/utils.py flux_to_diffusers, the block `.weight` entries (LoRA targets)."""
+    """comfy/utils.py flux_to_diffusers, the block `.weight` entries and the Linear ones of MAP_BASIC.
+
+    One table for Flux.1 and Flux.2: the Flux.2 names (`ff.linear_in` / `ff.linear_out`,
+    `attn.to_qkv_mlp_proj`, `attn.to_out`) sit beside the Flux.1 ones. `proj_mlp` keeps
+    ComfyUI's Flux.1 slice (3h, 4h) whatever the model (wrong rows for Flux.2's linear1,
+    whose MLP part is 6h, but no Flux.2 file uses that name).
+    """
     key_map = {}
     h = hidden_size
     for index in range(depth):
@@ -102,6 +111,10 @@ def flux_to_diffusers(depth: int, depth_single_blocks: int, hidden_size: int, ou
             "ff.net.2.weight": "img_mlp.2.weight",
             "ff_context.net.0.proj.weight": "txt_mlp.0.weight",
             "ff_context.net.2.weight": "txt_mlp.2.weight",
+            "ff.linear_in.weight": "img_mlp.0.weight",  # Flux.2 (ComfyUI: "LyCoris LoKr")
+            "ff.linear_out.weight": "img_mlp.2.weight",
+            "ff_context.linear_in.weight": "txt_mlp.0.weight",
+            "ff_context.linear_out.weight": "txt_mlp.2.weight",
         }
         for k, v in block_map.items():
             key_map[f"{prefix_from}.{k}"] = f"{prefix_to}.{v}"
@@ -111,8 +124,27 @@ def flux_to_diffusers(depth: int, depth_single_blocks: int, hidden_size: int, ou
         for i, part in enumerate(("to_q", "to_k", "to_v")):
             key_map[f"{prefix_from}.attn.{part}.weight"] = (qkv, (0, i * h, h))
         key_map[f"{prefix_from}.proj_mlp.weight"] = (qkv, (0, h * 3, h * 4))
-        key_map[f"{prefix_from}.norm.linear.weight"] = f"{prefix_to}.modulation.lin.weight"
-        key_map[f"{prefix_from}.proj_out.weight"] = f"{prefix_to}.linear2.weight"
+        block_map = {
+            "norm.linear.weight": "modulation.lin.weight",
+            "proj_out.weight": "linear2.weight",
+            "attn.to_qkv_mlp_proj.weight": "linear1.weight",  # Flux 2
+            "attn.to_out.weight": "linear2.weight",  # Flux 2
+        }
+        for k, v in block_map.items():
+            key_map[f"{prefix_from}.{k}"] = f"{prefix_to}.{v}"
+    basic = {
+        "proj_out.weight": "final_layer.linear.weight",
+        "x_embedder.weight": "img_in.weight",
+        "context_embedder.weight": "txt_in.weight",
+        "time_text_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+        "time_text_embed.timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+        "time_text_embed.text_embedder.linear_1.weight": "vector_in.in_layer.weight",
+        "time_text_embed.text_embedder.linear_2.weight": "vector_in.out_layer.weight",
+        "time_text_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+        "time_text_embed.guidance_embedder.linear_2.weight": "guidance_in.out_layer.weight",
+    }
+    for k, v in basic.items():
+        key_map[k] = f"{output_prefix}{v}"
     return key_map
 
 
@@ -121,7 +153,7 @@ def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = No
 
     model_keys: the model's state-dict keys with the `diffusion_model.` prefix.
     zimage: {"n_layers", "dim", "n_refiner_layers"} to add Z-Image's diffusers names;
-    flux: {"depth", "depth_single_blocks", "hidden_size"} to add Flux.1's.
+    flux: {"depth", "depth_single_blocks", "hidden_size"} to add Flux.1's / Flux.2's.
     """
     key_map = {}
     for k in model_keys:
@@ -144,6 +176,10 @@ def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = No
             key_map[f"transformer.{key_lora}"] = to  # SimpleTuner / diffusers
             key_map[f"lycoris_{key_lora.replace('.', '_')}"] = to
             key_map[f"lora_transformer_{key_lora.replace('.', '_')}"] = to  # OneTrainer
+            key_map[key_lora] = to  # DiffSynth
+        for k in model_keys:
+            if k.endswith(".linear1.weight"):
+                key_map[k.replace(".linear1.weight", ".linear1_qkv")] = (k, (0, 0, flux["hidden_size"] * 3))
     return key_map
 
 

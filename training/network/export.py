@@ -8,7 +8,10 @@ peft   transformer.<diffusers path>.lora_A.weight / .lora_B.weight
        (+ .lora_magnitude_vector for DoRA): for diffusers / PEFT users. The scale is
        folded into B and no alpha is written, so PEFT's default alpha = r (scale 1)
        is exact; fused projections are written as their diffusers q / k / v slices
-       (A shared, B row slices; split adapters write their own A_p, B_p).
+       (A shared, B row slices; split adapters write their own A_p, B_p). Only names
+       ComfyUI also maps are written (key_names.peft_aliases): a Flux layer without
+       one (final_layer.adaLN_modulation.1, Flux.2's shared modulation and time /
+       guidance embedders) is refused, naming the styles that do load.
 
 alpha: ComfyUI's scale is alpha / rank with rank = lora_A.shape[0], so the stored
 alpha is scale * export rank. RS-LoRA (alpha / sqrt(r)) is thus stored as
@@ -31,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .key_names import COMFY_PREFIX, KOHYA_PREFIX, PEFT_PREFIX, Alias, diffusers_aliases
+from .importer import shown
+from .key_names import COMFY_PREFIX, KOHYA_PREFIX, PEFT_PREFIX, peft_aliases
 from .lora import DORA_EPS
 from .network import LoRANetwork
 from ..storage import atomic_save_safetensors, finite_or_raise
@@ -63,18 +67,35 @@ def _comfy_or_kohya(network: LoRANetwork, style: str, dtype: torch.dtype) -> dic
     return tensors
 
 
+def _peft_names(network: LoRANetwork) -> dict[str, list]:
+    """Each adapter's peft-style aliases; raises for layers ComfyUI maps no diffusers name of."""
+    names = {
+        adapter.name: peft_aliases(network.architecture, adapter.name, *adapter.base.weight.shape[:2])
+        for adapter in network.adapters
+    }
+    unmapped = [name for name, aliases in names.items() if not aliases]
+    if unmapped:
+        raise ValueError(
+            f"style 'peft': ComfyUI maps no diffusers name for {len(unmapped)} adapted {network.architecture} layers "
+            f"({shown(unmapped)}), so it would not load them from a peft file; export with style='comfy' "
+            "or 'kohya' (ComfyUI loads both), or leave these layers out of the network"
+        )
+    return names
+
+
 def _peft(network: LoRANetwork, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
+    names = _peft_names(network)
     for adapter in network.adapters:
         if adapter.algo == "dora" and adapter.dora_axis == "input":
             raise ValueError(
                 f"{adapter.name}: PEFT / diffusers DoRA is output-axis only, this adapter is input-axis; "
                 "export with style='comfy' or 'kohya', or train with dora_axis='output'"
             )
-        out_features, in_features = adapter.base.weight.shape[:2]
+        out_features = adapter.base.weight.shape[0]
         down, up = adapter.export_factors()
         up = up * adapter.scale
-        aliases = diffusers_aliases(network.architecture, adapter.name, out_features, in_features) or [Alias(adapter.name)]
+        aliases = names[adapter.name]
         own_slices = adapter.split_dims is not None and adapter.split_dims == [a.rows[1] for a in aliases if a.rows]
         for part, alias in enumerate(aliases):
             start, count = alias.rows or (0, out_features)

@@ -5,7 +5,9 @@
 `base_model.model.*`, bare and LyCORIS names; see key_names.py), maps diffusers
 names to the network's ComfyUI modules, assembles q / k / v slices into fused
 projections (A stacked, B block-diagonal, one shared scale) and splits fused
-block-diagonal files back into split adapters. Values follow ComfyUI's reading of
+block-diagonal files back into split adapters. Keys in the broken converter form
+(`diffusion_model.double_blocks.0.img_attn_qkv`) are read as the dotted module, with
+a warning: ComfyUI does not load them. Values follow ComfyUI's reading of
 the file: scale = alpha / rank (no alpha: scale 1), an [out, 1] dora_scale is
 relative to ||W0|| (converted back to the engine's magnitude), a [1, in] one is
 the input-axis magnitude.
@@ -30,7 +32,16 @@ import torch
 import torch.nn as nn
 
 from ...kernels.dora import dora_weight_norm
-from .key_names import COMFY_PREFIX, TEXT_ENCODER_PREFIXES, Alias, diffusers_aliases, key_forms, split_key
+from .key_names import (
+    COMFY_PREFIX,
+    MANGLED_STYLE,
+    TEXT_ENCODER_PREFIXES,
+    Alias,
+    diffusers_aliases,
+    key_forms,
+    mangled_as_kohya,
+    split_key,
+)
 from .lora import DORA_EPS, weight_scale_of
 from .network import LoRANetwork
 from ..storage import NonFiniteError, finite_or_raise, read_safetensors
@@ -46,7 +57,7 @@ class ImportReport:
     """What `load_adapter_into` did."""
 
     path: str
-    styles: list[str]  # key styles found: comfy, kohya, diffusers, peft, bare, lycoris, onetrainer
+    styles: list[str]  # key styles found: comfy, kohya, diffusers, peft, bare, lycoris, onetrainer, mangled_converter
     loaded: list[str]  # network modules set from the file
     not_in_file: list[str]  # network modules the file has no LoRA for (left as initialised)
     qkv_converted: list[str]  # modules assembled from q/k/v slices or split from a fused LoRA
@@ -118,10 +129,14 @@ def group_file(path: str, tensors: dict[str, torch.Tensor], table: dict):
             unknown.append(key)
             continue
         module_key, role = parsed
-        if module_key not in table:
-            unknown.append(key)
-            continue
-        name, alias, style = table[module_key]
+        entry = table.get(module_key)
+        if entry is None:
+            kohya_form = mangled_as_kohya(module_key)
+            if kohya_form not in table:
+                unknown.append(key)
+                continue
+            entry = (*table[kohya_form][:2], MANGLED_STYLE)
+        name, alias, style = entry
         styles.add(style)
         piece = pieces[name].setdefault(alias, _Piece())
         if getattr(piece, role) is not None:
@@ -133,6 +148,12 @@ def group_file(path: str, tensors: dict[str, torch.Tensor], table: dict):
         else:
             setattr(piece, role, tensor.float())
     return pieces, sorted(styles), ignored, sorted(unknown)
+
+
+def _is_mangled(key: str, table: dict) -> bool:
+    """Whether `key` is read only through its broken converter form (see key_names.mangled_as_kohya)."""
+    parsed = split_key(key)
+    return parsed is not None and parsed[0] not in table and mangled_as_kohya(parsed[0]) in table
 
 
 def assemble(path: str, name: str, parts: dict[Alias, _Piece], out_features: int) -> _Assembled:
@@ -417,6 +438,13 @@ def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportRe
 
     if hint:
         report.warnings.append(hint)
+    if MANGLED_STYLE in styles:
+        mangled = [key for key in sorted(tensors) if _is_mangled(key, table)]
+        report.warnings.append(
+            f"{path} was written by a broken converter: {len(mangled)} keys have underscores for dots inside the "
+            f"module path after a dotted prefix ({shown(mangled)}); they were read as the dotted modules, but "
+            "ComfyUI does not load them ('lora key not loaded'). Re-export the network (style 'comfy') for ComfyUI"
+        )
     if dora_ignored:
         report.warnings.append(
             f"{path}: the file has DoRA magnitudes for {len(dora_ignored)} modules that this network adapts with plain "

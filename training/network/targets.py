@@ -2,13 +2,15 @@
 
 Selection works on (dotted module name, kind) pairs, kind in MODULE_KINDS, so the
 rules can be checked on the module-name layouts of real models (Flux.1: 19 double +
-38 single blocks, Qwen-Image: 60 blocks, Z-Image: 30 layers + refiners) without
-instantiating them. Names are ComfyUI's module paths.
+38 single blocks; Flux.2 dev 8 + 48, klein 4B 5 + 20, klein 9B 8 + 24; Qwen-Image: 60
+blocks; Z-Image: 30 layers + refiners) without instantiating them. Names are
+ComfyUI's module paths.
 
 Rules, in order (kohya sd-scripts / musubi-tuner semantics; regexes use fullmatch):
-1. candidates: the architecture's default targets (+ its modulation layers when
-   `exclude_mod=False`, + Z-Image refiners when `train_refiners=True`);
-2. minus the architecture's default excludes and `exclude_patterns`;
+1. candidates: the architecture's default targets and modulation layers (+ Z-Image
+   refiners when `train_refiners=True`);
+2. minus the architecture's default excludes, the modulation layers unless
+   `exclude_mod=False` (both reported in `Selection.skipped`), and `exclude_patterns`;
 3. plus `include_patterns`, which override every exclude;
 4. rank / alpha: the first `rank_pattern` / `alpha_pattern` entry (insertion order)
    that fullmatches the name, else `rank` / `alpha` for Linear layers and
@@ -42,6 +44,14 @@ class ArchitectureTargets:
 
 
 _ZIMAGE_BLOCK = r"(attention\.(qkv|out)|feed_forward\.w[123])"
+# Flux.1 and Flux.2 blocks share BFL's module names; Flux.2's MLP input is SwiGLU
+# (2 * mlp_hidden rows) and its linear1 holds q | k | v | 2 * mlp_hidden.
+_FLUX_BLOCKS = (
+    r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)",
+    r"double_blocks\.\d+\.(img|txt)_mlp\.[02]",
+    r"single_blocks\.\d+\.linear[12]",
+)
+_FLUX_FUSED = (r"double_blocks\.\d+\.(img|txt)_attn\.qkv", r"single_blocks\.\d+\.linear1")
 ARCHITECTURES: dict[str, ArchitectureTargets] = {
     "zimage": ArchitectureTargets(
         targets=(rf"layers\.\d+\.{_ZIMAGE_BLOCK}",),
@@ -51,13 +61,18 @@ ARCHITECTURES: dict[str, ArchitectureTargets] = {
         fused_qkv=(r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.qkv",),
     ),
     "flux": ArchitectureTargets(
-        targets=(
-            r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)",
-            r"double_blocks\.\d+\.(img|txt)_mlp\.[02]",
-            r"single_blocks\.\d+\.linear[12]",
-        ),
+        targets=_FLUX_BLOCKS,
         modulation=(r"double_blocks\.\d+\.(img|txt)_mod\.lin", r"single_blocks\.\d+\.modulation\.lin"),
-        fused_qkv=(r"double_blocks\.\d+\.(img|txt)_attn\.qkv", r"single_blocks\.\d+\.linear1"),
+        fused_qkv=_FLUX_FUSED,
+    ),
+    # Flux.2 has no per-block modulation: three model-wide layers produce the shift /
+    # scale / gate of every double (img, txt) and every single block. A LoRA on them
+    # changes all blocks at once, which makes them the main source of interference when
+    # several LoRAs are stacked, so they stay out unless exclude_mod=False.
+    "flux2": ArchitectureTargets(
+        targets=_FLUX_BLOCKS,
+        modulation=(r"double_stream_modulation_(img|txt)\.lin", r"single_stream_modulation\.lin"),
+        fused_qkv=_FLUX_FUSED,
     ),
     "qwen_image": ArchitectureTargets(
         targets=(
@@ -134,12 +149,13 @@ def architecture_targets(architecture: str) -> ArchitectureTargets:
 def split_dims(architecture: str, name: str, out_features: int, in_features: int) -> list[int] | None:
     """Row sizes of the q / k / v (/ MLP) slices of a fused projection, or None if not fused.
 
-    Z-Image `attention.qkv` and Flux `*_attn.qkv`: three equal slices. Flux
-    `single_blocks.N.linear1`: q, k, v of the hidden size (= in_features), then the MLP input.
+    Z-Image `attention.qkv` and Flux `*_attn.qkv`: three equal slices. Flux.1 / Flux.2
+    `single_blocks.N.linear1`: q, k, v of the hidden size (= in_features), then the MLP
+    input (Flux.1: mlp_hidden rows; Flux.2: 2 * mlp_hidden, SwiGLU's gate and value).
     """
     if not _matches(_compile(architecture_targets(architecture).fused_qkv, "fused_qkv"), name):
         return None
-    if architecture == "flux" and name.endswith(".linear1"):
+    if architecture in ("flux", "flux2") and name.endswith(".linear1"):
         return [in_features] * 3 + [out_features - 3 * in_features]
     if out_features % 3:
         raise ValueError(f"{name}: fused qkv has {out_features} output rows, not a multiple of 3")
@@ -164,12 +180,9 @@ def select_modules(
     """Apply the rules in the module docstring to (name, kind) pairs; keeps model order."""
     arch = architecture_targets(architecture)
     modulation = list(arch.modulation) + (list(arch.refiner_modulation) if train_refiners else [])
-    targets = list(arch.targets) + (list(arch.refiners) if train_refiners else [])
-    excludes = list(arch.excludes)
-    if exclude_mod:
-        excludes += modulation
-    else:
-        targets += modulation
+    # Modulation layers are always candidates, so that `exclude_mod` reports them as skipped.
+    targets = list(arch.targets) + (list(arch.refiners) if train_refiners else []) + modulation
+    excludes = list(arch.excludes) + (modulation if exclude_mod else [])
     modulation_res = _compile(modulation, "modulation")
     target_res = _compile(targets, "default targets")
     exclude_res = _compile(excludes, "default excludes")

@@ -20,15 +20,24 @@ from .common import Setup, parse_setup, peak_mib, ratio, saved_mib, table, time_
 
 EPS = torch.finfo(torch.float32).eps
 
-# (label, in_features, out_features, tokens). Flux.1 and Z-Image at 1024x1024:
-# 4096 image tokens + 512 text tokens through the joint blocks.
+# (label, in_features, out_features, tokens, bias) at 1024x1024: 4096 image + 512 text tokens.
+# Flux double blocks give image and text their own weights, so an image-stream layer
+# (attn proj, MLP up) sees the 4096 image tokens; Flux single blocks (linear1) and
+# Z-Image's blocks run the joint 4608. Flux.2's MLPs are SwiGLU, so its MLP up and the
+# MLP part of linear1 hold 2 x mlp_hidden rows (value | gate): klein 4B linear1 is
+# q | k | v | 2 x 9216 = 3 * 3072 + 18432, klein 9B MLP up 2 x 12288. Only Flux.1's
+# layers have a bias.
 FULL_SHAPES = [
-    ("Flux.1 attn proj", 3072, 3072, 4608),
-    ("Flux.1 MLP up", 3072, 12288, 4608),
-    ("Z-Image attn proj", 3840, 3840, 4608),
+    ("Flux.1 attn proj", 3072, 3072, 4096, True),
+    ("Flux.1 MLP up", 3072, 12288, 4096, True),
+    ("Flux.1 linear1", 3072, 3 * 3072 + 12288, 4608, True),
+    ("Flux.2 klein 4B linear1", 3072, 3 * 3072 + 2 * 9216, 4608, False),
+    ("Flux.2 klein 9B attn proj", 4096, 4096, 4096, False),
+    ("Flux.2 klein 9B MLP up", 4096, 2 * 12288, 4096, False),
+    ("Z-Image attn proj", 3840, 3840, 4608, False),
 ]
 FULL_RANKS = (16, 64)
-QUICK_SHAPES = [("quick", 256, 192, 256)]
+QUICK_SHAPES = [("quick", 256, 192, 256, True)]
 QUICK_RANKS = (16,)
 
 
@@ -86,10 +95,10 @@ def run(setup: Setup) -> None:
     print(f"DoRA layer, forward + backward  [{setup.describe()}]")
     if peft is None:
         print("  (peft is not installed: PEFT columns are n/a; pip install peft)")
-    for label, n_in, n_out, tokens in shapes:
+    for label, n_in, n_out, tokens, bias in shapes:
         for rank in ranks:
             torch.manual_seed(0)
-            linear = nn.Linear(n_in, n_out, device=setup.device, dtype=setup.dtype).requires_grad_(False)
+            linear = nn.Linear(n_in, n_out, bias=bias, device=setup.device, dtype=setup.dtype).requires_grad_(False)
             x = torch.randn(1, tokens, n_in, device=setup.device, dtype=setup.dtype, requires_grad=True)
             grad = torch.randn(1, tokens, n_out, device=setup.device, dtype=setup.dtype)
             alpha = float(rank)
@@ -108,7 +117,7 @@ def run(setup: Setup) -> None:
                 (name, t, ratio(t, peft_dora), ratio(t, lora), saved, peak)
                 for name, (t, saved, peak) in results.items()
             ]
-            print(f"\n{label}: in={n_in} out={n_out} tokens={tokens} rank={rank}")
+            print(f"\n{label}: in={n_in} out={n_out} tokens={tokens} bias={bias} rank={rank}")
             print(table(("implementation", "ms", "vs PEFT DoRA", "vs LoRA", "saved MiB", "peak MiB"), rows))
 
 

@@ -124,7 +124,8 @@ class DatasetFromFolder:
         path = resolve_folder(folder)
         cfg = DataConfig(**options)
         data = FolderDataset.from_folder(
-            path, cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale, encoders.encoder_id
+            path, cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale, encoders.encoder_id,
+            patch=model.model.cfg.patch_size,
         )
         summary = f"{path}\n{data.summary()}\nencoder id: {encoders.encoder_id}"
         fingerprint = dataset_fingerprint(path, cfg, encoders.encoder_id)

@@ -19,7 +19,8 @@ WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 class LoadDiT:
     DESCRIPTION = (
-        "Loads a diffusion transformer (Z-Image) from models/diffusion_models for training and sampling "
+        "Loads a diffusion transformer (Z-Image, Flux.1 dev / schnell / Kontext, Flux.2 dev / klein) from "
+        "models/diffusion_models for training and sampling "
         "with this pack, or the embedded demo model (a tiny Z-Image that runs on a CPU, no downloads)."
     )
     CATEGORY = f"{CATEGORY}/model"

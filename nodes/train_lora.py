@@ -56,6 +56,7 @@ def train_config(widgets: dict, extra_options: str) -> TrainConfig:
                                    "save_every", "keep_last", "sample_every")},
         "loss": {"kind": widgets["loss"], "huber_c": widgets["huber_c"]},
         "timesteps": {"method": widgets["timestep_sampling"], "discrete_flow_shift": widgets["discrete_flow_shift"]},
+        **({"guidance": widgets["guidance"]} if "guidance" in widgets else {}),
     }
     if extra_options.strip():
         try:
@@ -183,14 +184,19 @@ class TrainLoRA:
                                          "tooltip": "Preview samples every N steps and at the end; 0 = none."}),
                 "sample_prompts": ("STRING", {"multiline": True, "default": "",
                                               "tooltip": "One prompt per line, kohya / musubi options: --n negative "
-                                                         "--w width --h height --s steps --l cfg --fs shift --d seed. "
+                                                         "--w width --h height --s steps --l cfg --g guidance "
+                                                         "--fs shift --d seed. "
                                                          "Size defaults to the dataset's main bucket."}),
                 "resume": ("BOOLEAN", {"default": True,
                                        "tooltip": "Continue this run's newest checkpoint when its settings match "
                                                   "(a finished run returns at once). Off: start over; the old run is "
                                                   "moved to <name>.replaced-<time>."}),
             },
-            "optional": {
+            "optional": {  # guidance is an optional widget: workflows saved before it existed still validate
+                "guidance": ("FLOAT", {"default": d.guidance, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Distilled guidance a guidance-embedded model sees while training "
+                                                  "(Flux.1-dev / Kontext, Flux.2 dev; 1.0 as musubi-tuner). Models "
+                                                  "without a guidance input (schnell, klein, Z-Image) ignore it."}),
                 "extra_options": ("STRING", {"multiline": True, "default": "",
                                              "tooltip": "More train options as JSON, e.g. {\"warmup_ratio\": 0.05, "
                                                         "\"min_lr_ratio\": 0.1, \"loss\": {\"huber_schedule\": \"snr\"}, "

@@ -276,25 +276,8 @@ def demo_graph() -> Graph:
     )
 
 
-def zimage_graph() -> Graph:
-    sample = {"prompt": "a photo of sks person in a garden", "width": 1024, "height": 1024, "steps": 8,
-              "cfg": 1.0, "shift": 3.0, "seed": 1}
-    return Graph(
-        "Z-Image LoRA training, base and LoRA side by side",
-        "Z-Image LoRA training + base / LoRA grid",
-        [
-            Node("model", "LoadDiT", 0, {"checkpoint": ZIMAGE_CHECKPOINT, "gradient_checkpointing": True}),
-            *ZIMAGE_LOADERS,
-            Node("network", "BuildLoRANetwork", 1, {"algo": "lora", "rank": 16, "alpha": 16.0}),
-            Node("data", "DatasetFromFolder", 1, ZIMAGE_DATASET),
-            Node("train", "TrainLoRA", 2, {"name": "zimage_subject", **ZIMAGE_TRAIN}, width=420),
-            Node("loss", "PreviewImage", 3, title="Loss curve", width=360),
-            Node("base", "SampleWithLoRA", 3, {**sample, "strength": 0.0}, title="Base (strength 0)"),
-            Node("sample", "SampleWithLoRA", 3, {**sample, "strength": 1.0}, title="With the LoRA"),
-            Node("grid", "ImageStitch", 4, {"direction": "right", "spacing_width": 16}, width=300),
-            Node("save", "SaveImage", 5, {"filename_prefix": "dit_trainer/zimage_compare"}, width=300),
-        ],
-        [
+# LoadDiT + CLIP / VAE -> BuildLoRANetwork, DatasetFromFolder -> TrainLoRA -> loss preview.
+TRAINING_LINKS = [
             ("model", "model", "network", "model"),
             ("model", "model", "data", "model"),
             ("clip", "CLIP", "data", "clip"),
@@ -303,23 +286,57 @@ def zimage_graph() -> Graph:
             ("network", "network", "train", "network"),
             ("data", "dataset", "train", "dataset"),
             ("train", "loss_curve", "loss", "images"),
-            ("model", "model", "base", "model"),
-            ("train", "lora", "base", "lora"),
-            ("clip", "CLIP", "base", "clip"),
-            ("vae", "VAE", "base", "vae"),
-            ("model", "model", "sample", "model"),
-            ("train", "lora", "sample", "lora"),
-            ("clip", "CLIP", "sample", "clip"),
-            ("vae", "VAE", "sample", "vae"),
+]
+FLUX1_LOADERS = [
+    Node("clip", "DualCLIPLoader", 0, {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                       "type": "flux"}, width=300),
+    Node("vae", "VAELoader", 0, {"vae_name": "ae.safetensors"}, width=300),
+]
+FLUX_TRAIN = {"steps": 2000, "lr": 1e-4, "schedule": "cosine", "warmup_steps": 100, "timestep_sampling": "flux_shift",
+              "mixed_precision": "bf16", "save_every": 250, "sample_every": 250, "guidance": 1.0}
+
+
+def _compare_graph(stem: str, heading: str, checkpoint: str, loaders: list[Node], run: str, train: dict,
+                   sample: dict, note: str) -> Graph:
+    """Train a LoRA, then sample the base and the LoRA with the same seed, side by side."""
+    return Graph(
+        stem,
+        heading,
+        [
+            Node("model", "LoadDiT", 0, {"checkpoint": checkpoint, "gradient_checkpointing": True}),
+            *loaders,
+            Node("network", "BuildLoRANetwork", 1, {"algo": "lora", "rank": 16, "alpha": 16.0}),
+            Node("data", "DatasetFromFolder", 1, ZIMAGE_DATASET),
+            Node("train", "TrainLoRA", 2, {"name": run, **train}, width=420),
+            Node("loss", "PreviewImage", 3, title="Loss curve", width=360),
+            Node("base", "SampleWithLoRA", 3, {**sample, "strength": 0.0}, title="Base (strength 0)"),
+            Node("sample", "SampleWithLoRA", 3, {**sample, "strength": 1.0}, title="With the LoRA"),
+            Node("grid", "ImageStitch", 4, {"direction": "right", "spacing_width": 16}, width=300),
+            Node("save", "SaveImage", 5, {"filename_prefix": f"dit_trainer/{run}_compare"}, width=300),
+        ],
+        [
+            *TRAINING_LINKS,
+            *[link for node in ("base", "sample") for link in (
+                ("model", "model", node, "model"), ("train", "lora", node, "lora"),
+                ("clip", "CLIP", node, "clip"), ("vae", "VAE", node, "vae"))],
             ("base", "image", "grid", "image1"),
             ("sample", "image", "grid", "image2"),
             ("grid", "IMAGE", "save", "images"),
         ],
-        [(0, "## Z-Image LoRA\nModels: the Z-Image diffusion model in models/diffusion_models,\nQwen3-4B in "
-              "models/text_encoders, the Flux VAE (ae) in models/vae.\nDataset: ComfyUI/input/my_dataset with "
-              "images + same-name .txt captions.\nThe result lands in models/loras/zimage_subject.safetensors;\n"
-              "the grid compares the base (left) with the LoRA (right).")],
+        [(0, note)],
     )
+
+
+def zimage_graph() -> Graph:
+    sample = {"prompt": "a photo of sks person in a garden", "width": 1024, "height": 1024, "steps": 8,
+              "cfg": 1.0, "shift": 3.0, "seed": 1}
+    return _compare_graph(
+        "Z-Image LoRA training, base and LoRA side by side", "Z-Image LoRA training + base / LoRA grid",
+        ZIMAGE_CHECKPOINT, ZIMAGE_LOADERS, "zimage_subject", ZIMAGE_TRAIN, sample,
+        "## Z-Image LoRA\nModels: the Z-Image diffusion model in models/diffusion_models,\nQwen3-4B in "
+        "models/text_encoders, the Flux VAE (ae) in models/vae.\nDataset: ComfyUI/input/my_dataset with "
+        "images + same-name .txt captions.\nThe result lands in models/loras/zimage_subject.safetensors;\n"
+        "the grid compares the base (left) with the LoRA (right).")
 
 
 def masked_dora_graph() -> Graph:
@@ -392,7 +409,85 @@ def use_result_graph() -> Graph:
     )
 
 
-GRAPHS = (demo_graph, zimage_graph, masked_dora_graph, use_result_graph)
+def flux1_graph() -> Graph:
+    sample = {"prompt": "a photo of sks person in a garden", "width": 1024, "height": 1024, "steps": 20,
+              "cfg": 1.0, "shift": 3.16, "guidance": 3.5, "seed": 1}
+    train = {**FLUX_TRAIN, "sample_prompts": "a photo of sks person in a garden --w 1024 --h 1024 --s 20 --g 3.5 "
+                                             "--fs 3.16 --d 1"}
+    return _compare_graph(
+        "Flux.1-dev LoRA training, base and LoRA side by side", "Flux.1-dev LoRA training + base / LoRA grid",
+        "flux1-dev.safetensors", FLUX1_LOADERS, "flux_subject", train, sample,
+        "## Flux.1-dev LoRA\nModels: flux1-dev in models/diffusion_models, clip_l and t5xxl\nin "
+        "models/text_encoders (DualCLIPLoader, type flux), ae in models/vae.\nDataset: ComfyUI/input/my_dataset "
+        "with images + same-name .txt captions.\nTraining sees guidance 1.0 (musubi-tuner's default); samples "
+        "use\n--g 3.5, like FluxGuidance. Result: models/loras/flux_subject.safetensors.")
+
+
+def flux2_graph() -> Graph:
+    sample = {"prompt": "a photo of sks person in a garden", "width": 1024, "height": 1024, "steps": 20,
+              "cfg": 4.0, "shift": 3.16, "seed": 1}
+    train = {**FLUX_TRAIN, "sample_prompts": "a photo of sks person in a garden --n blurry --w 1024 --h 1024 "
+                                             "--s 20 --l 4 --fs 3.16 --d 1"}
+    loaders = [
+        Node("clip", "CLIPLoader", 0, {"clip_name": "qwen_3_4b.safetensors", "type": "flux2"}, width=300),
+        Node("vae", "VAELoader", 0, {"vae_name": "flux2-vae.safetensors"}, width=300),
+    ]
+    return _compare_graph(
+        "Flux.2 klein LoRA training, base and LoRA side by side", "Flux.2 klein LoRA training + base / LoRA grid",
+        "flux-2-klein-4b.safetensors", loaders, "klein_subject", train, sample,
+        "## Flux.2 klein LoRA\nModels: a klein 4B (or 9B) diffusion model in models/diffusion_models,\nits "
+        "Qwen3 text encoder in models/text_encoders (CLIPLoader type flux2,\nComfyUI with Flux.2 support), the "
+        "Flux.2 VAE in models/vae.\nklein has no guidance input: samples use CFG (--l 4) and a negative.\n"
+        "Result: models/loras/klein_subject.safetensors.")
+
+
+def kontext_graph() -> Graph:
+    instruction = "turn the photo into a watercolor painting"
+    return Graph(
+        "Flux.1 Kontext edit LoRA from image pairs",
+        "Flux.1 Kontext edit LoRA from before / after pairs",
+        [
+            Node("model", "LoadDiT", 0, {"checkpoint": "flux1-kontext-dev.safetensors", "gradient_checkpointing": True}),
+            *FLUX1_LOADERS,
+            Node("network", "BuildLoRANetwork", 1, {"algo": "lora", "rank": 16, "alpha": 16.0}),
+            Node("data", "DatasetFromFolder", 1, {**ZIMAGE_DATASET, "folder": "my_pairs", "control_folder": "control"}),
+            Node("train", "TrainLoRA", 2, {"name": "kontext_watercolor", **FLUX_TRAIN,
+                                           "sample_prompts": f"{instruction} --s 20 --g 2.5 --fs 3.16 --d 1"},
+                 width=420),
+            Node("loss", "PreviewImage", 3, title="Loss curve", width=360),
+            Node("photo", "LoadImage", 1, {"image": "edit_me.png"}, title="Image to edit"),
+            Node("scale", "FluxKontextImageScale", 2, width=260),
+            Node("encode", "VAEEncode", 2, width=220),
+            Node("prompt", "CLIPTextEncode", 2, {"text": instruction}, width=300),
+            Node("reference", "ReferenceLatent", 3, width=260),
+            Node("guidance", "FluxGuidance", 3, {"guidance": 2.5}, width=260),
+            Node("sample", "SampleWithLoRA", 4, {"width": 1024, "height": 1024, "steps": 20, "shift": 3.16,
+                                                 "seed": 1}, title="Edit with the LoRA"),
+            Node("save", "SaveImage", 5, {"filename_prefix": "dit_trainer/kontext_edit"}, width=300),
+        ],
+        [
+            *TRAINING_LINKS,
+            ("photo", "IMAGE", "scale", "image"),
+            ("scale", "IMAGE", "encode", "pixels"),
+            ("vae", "VAE", "encode", "vae"),
+            ("clip", "CLIP", "prompt", "clip"),
+            ("prompt", "CONDITIONING", "reference", "conditioning"),
+            ("encode", "LATENT", "reference", "latent"),
+            ("reference", "CONDITIONING", "guidance", "conditioning"),
+            ("model", "model", "sample", "model"),
+            ("train", "lora", "sample", "lora"),
+            ("guidance", "CONDITIONING", "sample", "positive"),
+            ("vae", "VAE", "sample", "vae"),
+            ("sample", "image", "save", "images"),
+        ],
+        [(0, "## Kontext edit LoRA\nPairs: ComfyUI/input/my_pairs/a.png (the edited result) + a.txt\n(the "
+              "instruction) + control/a.png (the image before the edit).\nControl images are resized to their "
+              "target's bucket; previews\nedit the first pair's control image. The sampler edits the image\n"
+              "given to ReferenceLatent, like stock Kontext workflows.")],
+    )
+
+
+GRAPHS = (demo_graph, zimage_graph, masked_dora_graph, use_result_graph, flux1_graph, flux2_graph, kontext_graph)
 
 
 # --- thumbnails ----------------------------------------------------------------------

@@ -4,10 +4,13 @@ import itertools
 import logging
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from data_helpers import CountingEncoders, build, small_config, write_image
+from dit_trainer.training.data.folder_dataset import FolderDataset
+from dit_trainer.training.storage import NonFiniteError
 
 
 def make_folder(folder, n: int = 4):
@@ -138,3 +141,20 @@ def test_each_caption_variant_is_encoded_once_then_read_from_disk(tmp_path):
     again = CountingEncoders()
     assert_same_batches(first, take(build(tmp_path, cfg, again), 40))
     assert again.text_calls == 0 and again.image_calls == 0
+
+
+def test_a_text_encoder_that_returns_nan_is_named_before_training(tmp_path):
+    write_image(tmp_path / "a.png", 32, 32)
+    (tmp_path / "a.txt").write_text("a caption")
+    encoders = CountingEncoders()
+    broken = lambda captions: (torch.full((len(captions), 3, 8), float("nan")), torch.full((len(captions),), 3))  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"text encoder's output for 'a caption'.*text-encoder file"):
+        FolderDataset.from_folder(tmp_path, small_config(), encoders.encode_images, broken, 2, "broken-text")
+
+
+def test_a_vae_that_returns_nan_is_named_with_the_image(tmp_path):
+    write_image(tmp_path / "a.png", 32, 32)
+    encoders = CountingEncoders()
+    broken = lambda images: encoders.encode_images(images) * float("nan")  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"VAE's latents of .*a\.png.*VAE file"):
+        FolderDataset.from_folder(tmp_path, small_config(), broken, encoders.encode_text, 2, "broken-vae")

@@ -14,64 +14,10 @@ from PIL import Image
 from dit_trainer.training.models.loader import save_dit
 from dit_trainer.training.models.zimage import ZImageConfig, ZImageDiT
 from fake_comfy import comfy_host, comfy_pack  # noqa: F401  (fixtures)
-from fake_comfy.encoders import FakeCLIP, FakeVAE
+from fake_comfy.core_nodes import CORE_LIKE
 from fake_comfy.executor import PromptExecutor, PromptRejected
 from test_bad_inputs import DATA, DEMO, DEMO_FOLDER, NETWORK, TRAIN
 
-
-class CLIPLoader:
-    """Stand-ins for core loader / encode nodes: they run inside the executor's inference mode, so what
-    they return (model weights, CONDITIONING, MASK) is made of inference tensors, as in ComfyUI."""
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        return (FakeCLIP(),)
-
-
-class VAELoader(CLIPLoader):
-    RETURN_TYPES = ("VAE",)
-
-    def load(self):
-        return (FakeVAE(),)
-
-
-class CLIPTextEncode:
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip": ("CLIP",), "text": ("STRING", {})}}
-
-    def encode(self, clip, text):
-        out = clip.encode_from_tokens(clip.tokenize(text), return_dict=True)
-        return ([[out["cond"], {"pooled_output": out["pooled_output"], "attention_mask": out["attention_mask"]}]],)
-
-
-class SolidMask:
-    """LoadImage's MASK, reduced: 1 in the left half of each image."""
-
-    RETURN_TYPES = ("MASK",)
-    FUNCTION = "make"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"size": ("INT", {"min": 8, "max": 512})}}
-
-    def make(self, size):
-        mask = torch.zeros(1, size, size)
-        mask[..., : size // 2] = 1.0
-        return (mask,)
-
-
-CORE_LIKE = {"CLIPLoader": CLIPLoader, "VAELoader": VAELoader, "CLIPTextEncode": CLIPTextEncode,
-             "SolidMask": SolidMask}
 
 
 def tiny_z_image(folder) -> None:

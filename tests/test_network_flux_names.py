@@ -22,7 +22,7 @@ from dit_trainer.training.network.targets import select_modules
 from test_adapter_math import VARIANTS, randomise_adapters
 from test_adapter_math import one_cpu_thread  # noqa: F401  (pytest fixture, used by name)
 from test_network_io import option_id, rel_err
-from test_network_selection import flux1_modules
+from test_network_selection import flux_modules
 
 HIDDEN = 8  # Flux.1: 3072; Flux.2 dev 6144, klein 4B 3072, klein 9B 4096
 MLP = {"flux1": 4 * HIDDEN, "flux2": 3 * HIDDEN}  # mlp_ratio 4 (GELU) / 3 (SwiGLU: 2 * mlp_hidden in)
@@ -136,7 +136,7 @@ def layer_outputs(network: LoRANetwork) -> dict[str, torch.Tensor]:
 
 
 def test_flux1_modulation_is_reported_as_skipped():
-    selection = select_modules(flux1_modules(), "flux", rank=4, alpha=1.0)
+    selection = select_modules(flux_modules(), "flux", rank=4, alpha=1.0)
     assert len(selection.names) == 228
     skipped = dict(selection.skipped)
     assert len(skipped) == 19 * 2 + 38

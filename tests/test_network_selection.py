@@ -6,29 +6,23 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dit_trainer.training.models.flux import FluxConfig, FluxDiT
 from dit_trainer.training.models.zimage import ZImageConfig, ZImageDiT
 from dit_trainer.training.network.network import LoRANetwork, NetworkConfig
 from dit_trainer.training.network.targets import module_kinds, select_modules
 from test_adapter_math import tiny_model
 
 
-def flux1_modules(double_blocks: int = 19, single_blocks: int = 38) -> list[tuple[str, str]]:
-    """ComfyUI's Flux.1 module layout (comfy/ldm/flux/model.py, layers.py) as (name, kind)."""
-    names = [("img_in", "linear"), ("txt_in", "linear"), ("final_layer.linear", "linear")]
-    names += [(f"{m}.{p}", "linear") for m in ("time_in", "vector_in", "guidance_in") for p in ("in_layer", "out_layer")]
-    names += [("final_layer.adaLN_modulation.1", "linear"), ("final_layer.norm_final", "other")]
-    for i in range(double_blocks):
-        for stream in ("img", "txt"):
-            b = f"double_blocks.{i}.{stream}"
-            names += [(f"{b}_mod.lin", "linear"), (f"{b}_norm1", "other"), (f"{b}_attn.qkv", "linear")]
-            names += [(f"{b}_attn.norm.query_norm", "other"), (f"{b}_attn.norm.key_norm", "other")]
-            names += [(f"{b}_attn.proj", "linear"), (f"{b}_norm2", "other")]
-            names += [(f"{b}_mlp.0", "linear"), (f"{b}_mlp.1", "other"), (f"{b}_mlp.2", "linear")]
-    for i in range(single_blocks):
-        b = f"single_blocks.{i}"
-        names += [(f"{b}.linear1", "linear"), (f"{b}.linear2", "linear"), (f"{b}.norm.query_norm", "other")]
-        names += [(f"{b}.pre_norm", "other"), (f"{b}.mlp_act", "other"), (f"{b}.modulation.lin", "linear")]
-    return names
+def flux_modules(family: str = "flux1", depth: int = 19, depth_single_blocks: int = 38) -> list[tuple[str, str]]:
+    """(name, kind) of the engine's own Flux model at the released width and the given depth, built on
+    the meta device (no memory): the layout the targets are applied to is the real one."""
+    config = FluxConfig(depth=depth, depth_single_blocks=depth_single_blocks)
+    if family == "flux2":
+        config = FluxConfig(family="flux2", in_channels=128, patch_size=1, hidden_size=6144, num_heads=48, depth=depth,
+                            depth_single_blocks=depth_single_blocks, mlp_ratio=3.0, context_in_dim=15360,
+                            vec_in_dim=0, axes_dim=[32, 32, 32, 32], theta=2000, qkv_bias=False)
+    with torch.device("meta"):
+        return module_kinds(FluxDiT(config))
 
 
 def qwen_image_modules(blocks: int = 60) -> list[tuple[str, str]]:
@@ -59,7 +53,7 @@ def count(modules, architecture, **options) -> int:
 
 
 def test_flux1_default_targets_are_the_228_block_linears():
-    modules = flux1_modules()
+    modules = flux_modules()
     assert count(modules, "flux") == 19 * 8 + 38 * 2 == 228
     chosen = select_modules(modules, "flux", rank=4, alpha=1.0).names
     assert not [n for n in chosen if "mod" in n or "_in" in n or "final" in n]

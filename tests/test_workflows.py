@@ -14,6 +14,15 @@ import workflow_format
 
 WORKFLOWS = sorted(builder.OUT.glob("*.json"))
 EXPECTED = {graph().stem for graph in builder.GRAPHS}
+# Combo values newer than the 0.3.64 node definitions the tests carry: (node type, widget value) -> why.
+NEWER_THAN_SNAPSHOT = {
+    ("CLIPLoader", "'flux2'"): "Flux.2 text encoders (CLIPLoader type flux2) arrived in ComfyUI after 0.3.64",
+}
+
+
+def documented_exception(message: str) -> bool:
+    return any(f"({node}) " in message and f"{value} is not one of" in message
+               for node, value in NEWER_THAN_SNAPSHOT)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +30,7 @@ def info() -> dict:
     return builder.object_info()
 
 
-def test_the_four_examples_are_there():
+def test_the_seven_examples_are_there():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     assert builder.DEMO_STEM in EXPECTED and sum(graph().demo for graph in builder.GRAPHS) == 1
     assert all(" " in stem for stem in EXPECTED)  # readable titles in the Templates dialog, not file-name slugs
@@ -30,9 +39,11 @@ def test_the_four_examples_are_there():
 def test_every_workflow_passes_the_validator(info):
     for path in WORKFLOWS:
         problems = workflow_format.validate(json.loads(path.read_text(encoding="utf-8")), info)
-        assert not [m for level, m in problems if level == "error"], (path.name, problems)
+        assert not [m for level, m in problems if level == "error" and not documented_exception(m)], (path.name, problems)
         # Warnings may only be model / image files a fresh ComfyUI does not have.
         for _, message in problems:
+            if documented_exception(message):
+                continue
             assert "is not one of" in message and (".safetensors" in message or ".png" in message), (path.name, message)
 
 

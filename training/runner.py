@@ -115,10 +115,11 @@ def dataset_folder(cfg: RunConfig) -> Path:
     return Path(cfg.data.folder)
 
 
-def dataset_for_run(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoders: Encoders) -> FolderDataset:
+def dataset_for_run(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoders: Encoders,
+                    patch: int) -> FolderDataset:
     data = FolderDataset.from_folder(
         folder, data_cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale,
-        encoders.encoder_id,
+        encoders.encoder_id, patch,
     )
     return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
 
@@ -159,7 +160,7 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             from .network.importer import load_adapter_into
 
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
-        data = dataset_for_run(folder, data_cfg, cfg, encoders)
+        data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id}
         result = train(

@@ -52,10 +52,10 @@ class FakeCLIP:
 
 
 class FakeVAE:
-    downscale_ratio = 8
-    latent_channels = 16
+    """Flux.1 / Z-Image's VAE shape by default (16 channels at 1/8); Flux.2's is 128 at 1/16."""
 
-    def __init__(self):
+    def __init__(self, downscale_ratio: int = 8, latent_channels: int = 16):
+        self.downscale_ratio, self.latent_channels = downscale_ratio, latent_channels
         generator = torch.Generator().manual_seed(0)
         self.mix = torch.randn(self.latent_channels, 3, generator=generator)  # latent channel <- RGB
         self.offset = 0.5

@@ -24,7 +24,7 @@ import torch
 
 from ..conditioning import Conditioning, as_conditioning
 from ..encoders import TextEncoder
-from ..storage import atomic_save_safetensors, read_safetensors
+from ..storage import atomic_save_safetensors, finite_or_raise, read_safetensors
 from .buckets import Placement
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,12 @@ class TextEmbeddingCache:
     def _encode(self, captions: list[str]) -> list[Conditioning]:
         with torch.no_grad():
             output = as_conditioning(self.encode_text(captions), len(captions))
+        # A broken text encoder (bad weights, fp16 overflow) must be named here, not surface later
+        # as "non-finite losses" with advice about the learning rate.
+        tensors = {"states": output.context} | ({} if output.pooled is None else {"pooled": output.pooled})
+        more = f" and {len(captions) - 1} more caption(s)" if len(captions) > 1 else ""
+        finite_or_raise(tensors, f"the text encoder's output for {captions[0]!r}{more} (check the text-encoder file "
+                                 "and its dtype)")
         # Trimmed to each length: the contract says states past it are zero padding.
         return [
             Conditioning(output.context[i : i + 1, : int(n)].detach().cpu().clone(), torch.tensor([int(n)]),

@@ -28,6 +28,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..size_checks import check_latent_cache, check_upscale
+from ..storage import finite_or_raise
 from .buckets import ImageTooSmall, Placement, Size, cover, place_image
 from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
 from .captions import fixed_caption, process_caption
@@ -145,6 +146,7 @@ def _encode_checked(encode_images: ImageEncoder, pixels: torch.Tensor, path: Pat
             f"{tuple(latents.shape)}; expected [1, C, {latent_size[0]}, {latent_size[1]}]. "
             f"Is latent_downscale={downscale} right for this VAE?"
         )
+    finite_or_raise({"latents": latents}, f"the VAE's latents of {path} (check the VAE file and its dtype)")
     return latents[0].detach().cpu()
 
 

@@ -8,15 +8,25 @@ without renaming.
 
 Only safetensors are read: pickled checkpoints (.ckpt / .pt / .bin) run code when
 unpickled, and a node must never do that with a file someone downloaded.
+
+Loading streams, so a 12B model never needs two copies in host RAM: the checkpoint
+is first seen as meta-device stand-ins (names, shapes, dtypes from the header; no
+data), which give the architecture, the config and the strict key / shape check;
+the model is built on the meta device; then each ComfyUI-layout tensor is read
+(safetensors maps the file lazily), fused where the layout needs it, hashed, cast
+and assigned before the next one is touched. A tensor that needs neither fusing
+nor a cast stays a view of the mapped file (page cache the OS can reclaim), so
+only fused and cast tensors take new memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +35,24 @@ import torch
 import torch.nn as nn
 
 from ..storage import atomic_save_safetensors, open_safetensors
+from .flux import FluxConfig, FluxDiT
+from .flux_layouts import (
+    ARCHITECTURE_OF_FAMILY,
+    FLUX1_MARKERS,
+    FLUX1_MARKERS_DIFFUSERS,
+    FLUX2_MARKER,
+    FLUX2_MARKER_DIFFUSERS,
+    LayoutPlan,
+    apply_plan,
+    as_stored,
+    concat_rows,
+    flux_config_from_shapes,
+    flux_family,
+    flux_variant,
+    is_flux1,
+    is_flux2,
+    plan_comfy_layout_flux,
+)
 from .zimage import ZImageConfig, ZImageDiT, default_axes_dims
 
 T = TypeVar("T")
@@ -33,6 +61,12 @@ T = TypeVar("T")
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 COMFY_PREFIX = "model.diffusion_model."
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# safetensors header dtype names -> torch dtypes, for the meta-device stand-ins.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 KEY_SAMPLE = 20  # keys quoted in error messages
 RESERVED_METADATA = ("architecture", "config")
 
@@ -41,11 +75,18 @@ RESERVED_METADATA = ("architecture", "config")
 
 
 def _model_prefix(keys: Iterable[str]) -> str:
-    """The known prefix carried by the most keys; '' when bare keys are the majority."""
-    counts = dict.fromkeys(("", *MODEL_PREFIXES), 0)
+    """The known prefix carried by the most keys; '' when no key carries one.
+
+    A known prefix wins even over a majority of other keys: a ComfyUI single file of a
+    small DiT (Flux.2 klein: ~150 keys) next to an LLM text encoder (~400) and a VAE
+    still holds its DiT under `model.diffusion_model.`.
+    """
+    counts = dict.fromkeys(MODEL_PREFIXES, 0)
     for key in keys:
-        counts[next((p for p in MODEL_PREFIXES if key.startswith(p)), "")] += 1
-    return max(counts, key=counts.__getitem__)  # a tie keeps the earlier entry: bare keys
+        if prefix := next((p for p in MODEL_PREFIXES if key.startswith(p)), None):
+            counts[prefix] += 1
+    best = max(counts, key=counts.__getitem__)
+    return best if counts[best] else ""
 
 
 def strip_prefix(state_dict: Mapping[str, T]) -> dict[str, T]:
@@ -84,38 +125,45 @@ def _split_patch_size(keys: Iterable[str]) -> int | None:
     return int(names[0].split("-")[0])
 
 
-def _put(out: dict[str, T], key: str, value: T, source: str) -> None:
-    if key in out:
+def _claim(plan: LayoutPlan, key: str, sources: tuple[str, ...], combine: Callable, source: str) -> None:
+    if key in plan:
         raise ValueError(
             f"'{source}' maps to '{key}', which is already present: the checkpoint mixes fused and split "
             "layouts; keep one copy of each weight"
         )
-    out[key] = value
+    plan[key] = (sources, combine)
+
+
+def plan_comfy_layout_zimage(keys: Iterable[str]) -> LayoutPlan:
+    """Layout plan: official / diffusers split keys -> ComfyUI fused keys; fused keys unchanged."""
+    keys = list(keys)
+    _split_patch_size(keys)  # rejects several patch embedders before they collide
+    plan: LayoutPlan = {}
+    qkv_parts: dict[str, set[str]] = {}
+    for key in keys:
+        if match := _SPLIT_ATTENTION.match(key):
+            base, name = match.groups()
+            if name in _QKV:
+                qkv_parts.setdefault(base, set()).add(name)
+                continue
+            _claim(plan, f"{base}.{_SPLIT_TO_FUSED[name]}.weight", (key,), as_stored, key)
+        elif match := _SPLIT_PATCH.match(key):
+            module, _, _, rest = match.groups()
+            _claim(plan, f"{module}.{rest}", (key,), as_stored, key)
+        else:
+            _claim(plan, key, (key,), as_stored, key)
+    for base, names in qkv_parts.items():
+        missing = [f"{base}.{name}.weight" for name in _QKV if name not in names]
+        if missing:
+            raise ValueError(f"split attention weights {missing} are missing; the checkpoint is incomplete")
+        sources = tuple(f"{base}.{name}.weight" for name in _QKV)
+        _claim(plan, f"{base}.qkv.weight", sources, concat_rows, sources[0])
+    return plan
 
 
 def to_comfy_layout_zimage(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official / diffusers split keys -> ComfyUI fused keys; fused keys pass through unchanged."""
-    _split_patch_size(state_dict)  # rejects several patch embedders before they collide
-    out: dict[str, torch.Tensor] = {}
-    qkv_parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if match := _SPLIT_ATTENTION.match(key):
-            base, name = match.groups()
-            if name in _QKV:
-                qkv_parts.setdefault(base, {})[name] = value
-                continue
-            _put(out, f"{base}.{_SPLIT_TO_FUSED[name]}.weight", value, key)
-        elif match := _SPLIT_PATCH.match(key):
-            module, _, _, rest = match.groups()
-            _put(out, f"{module}.{rest}", value, key)
-        else:
-            _put(out, key, value, key)
-    for base, parts in qkv_parts.items():
-        missing = [f"{base}.{name}.weight" for name in _QKV if name not in parts]
-        if missing:
-            raise ValueError(f"split attention weights {missing} are missing; the checkpoint is incomplete")
-        _put(out, f"{base}.qkv.weight", torch.cat([parts[name] for name in _QKV], dim=0), f"{base}.to_q.weight")
-    return out
+    return apply_plan(plan_comfy_layout_zimage(state_dict), state_dict)
 
 
 def to_split_layout_zimage(state_dict: Mapping[str, torch.Tensor], patch_size: int = 2) -> dict[str, torch.Tensor]:
@@ -237,6 +285,26 @@ def _is_zimage(keys: set[str]) -> bool:
     return {"cap_embedder.1.weight", "x_pad_token", "cap_pad_token"} <= keys and bool(attention & keys)
 
 
+# --- Flux config inference ----------------------------------------------------
+
+# Hyper-parameters that tensor shapes cannot reveal; read from checkpoint metadata.
+_FLUX_HINTS = ("axes_dim", "theta", "patch_size")
+
+
+def infer_flux_config(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> FluxConfig:
+    """Flux.1 / Flux.2 hyper-parameters from tensor shapes (either layout, prefix stripped) plus metadata.
+
+    Shapes give family, widths, depths and the optional embedders; `axes_dim`, `theta`
+    and `patch_size` come from metadata when present, else the family's released values.
+    """
+    stand_ins = {key: tensor.to("meta") for key, tensor in state_dict.items()}  # shapes only, nothing copied
+    comfy = apply_plan(plan_comfy_layout_flux(stand_ins), stand_ins)
+    architecture = ARCHITECTURE_OF_FAMILY[flux_family(comfy)]
+    return flux_config_from_shapes(comfy, _metadata_hints(metadata, _FLUX_HINTS, architecture))
+
+
 # --- architecture table -----------------------------------------------------
 
 
@@ -246,18 +314,37 @@ class Architecture:
 
     signature: str  # human-readable, quoted when nothing matches
     matches: Callable[[set[str]], bool]
-    to_comfy_layout: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+    plan_layout: Callable[[Iterable[str]], LayoutPlan]  # checkpoint keys -> how to build ComfyUI-layout tensors
     infer_config: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any] | None], Any]
     model_class: Callable[[Any], nn.Module]
+    variant: Callable[[Any], str]  # the released model a config matches, for messages and metadata
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "zimage": Architecture(
         signature="cap_embedder.1.weight, x_pad_token, cap_pad_token, layers.0.attention.qkv.weight (or .to_q.weight)",
         matches=_is_zimage,
-        to_comfy_layout=to_comfy_layout_zimage,
+        plan_layout=plan_comfy_layout_zimage,
         infer_config=infer_zimage_config,
         model_class=ZImageDiT,
+        variant=lambda cfg: "zimage",
+    ),
+    "flux": Architecture(
+        signature=f"{', '.join(FLUX1_MARKERS)} (diffusers: {', '.join(FLUX1_MARKERS_DIFFUSERS)}) "
+        f"and no {FLUX2_MARKER}",
+        matches=is_flux1,
+        plan_layout=plan_comfy_layout_flux,
+        infer_config=infer_flux_config,
+        model_class=FluxDiT,
+        variant=flux_variant,
+    ),
+    "flux2": Architecture(
+        signature=f"{FLUX2_MARKER} (diffusers: {FLUX2_MARKER_DIFFUSERS})",
+        matches=is_flux2,
+        plan_layout=plan_comfy_layout_flux,
+        infer_config=infer_flux_config,
+        model_class=FluxDiT,
+        variant=flux_variant,
     ),
 }
 
@@ -280,28 +367,52 @@ def detect_architecture(keys: Iterable[str]) -> str:
 # --- hashing, reading, loading ----------------------------------------------
 
 
+def _hash_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
 def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Short sha256 over sorted key names, dtypes, shapes and bytes.
 
     Computed on the ComfyUI-layout state dict before any dtype cast, so the same
-    weights hash alike whatever their file layout, prefix or load dtype.
+    weights hash alike whatever their file layout, prefix or load dtype. `load_dit`
+    computes the same digest tensor by tensor while it streams.
     """
     digest = hashlib.sha256()
     for key in sorted(state_dict):
-        tensor = state_dict[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        _hash_tensor(digest, key, state_dict[key])
     return digest.hexdigest()[:16]
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The DiT tensors (prefix stripped) and `__metadata__` of a .safetensors file."""
-    with open_safetensors(path, "checkpoint") as handle:
-        keys = list(handle.keys())
-        prefix = _model_prefix(keys)
-        # Read only the DiT's tensors: a single file also holds the VAE and text encoder.
-        tensors = {key[len(prefix) :]: handle.get_tensor(key) for key in keys if key.startswith(prefix)}
-        return tensors, dict(handle.metadata() or {})
+def _stand_in(shape: list[int], dtype_name: str, key: str) -> torch.Tensor:
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor '{key}' has dtype {dtype_name}, which the loader cannot hold; convert the file")
+    return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype_name], device="meta")
+
+
+@contextlib.contextmanager
+def _open_checkpoint(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> Iterator[tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor], dict[str, str], str]]:
+    """(meta-device stand-ins of the DiT tensors, a reader of one tensor, file metadata, origin for messages).
+
+    Keys are prefix-stripped. A file is read only through the reader, one tensor at a
+    time, and only the DiT's tensors: a single file also holds the VAE and text encoder.
+    """
+    if isinstance(source, Mapping):
+        tensors = strip_prefix(source)
+        yield {key: tensor.to("meta") for key, tensor in tensors.items()}, tensors.__getitem__, {}, "state dict"
+        return
+    with open_safetensors(Path(source), "checkpoint") as handle:
+        prefix = _model_prefix(handle.keys())
+        stand_ins = {}
+        for key in handle.keys():
+            if key.startswith(prefix):
+                header = handle.get_slice(key)
+                stand_ins[key[len(prefix) :]] = _stand_in(header.get_shape(), header.get_dtype(), key)
+        yield stand_ins, lambda key: handle.get_tensor(prefix + key), dict(handle.metadata() or {}), f"'{source}'"
 
 
 def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
@@ -323,6 +434,16 @@ def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin
             )
 
 
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the meta-device parameter or buffer `key` (a view, no copy)."""
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if name in module._parameters:
+        setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+    else:
+        setattr(module, name, tensor)
+
+
 def load_dit(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
@@ -332,35 +453,45 @@ def load_dit(
     """Build a frozen, eval-mode DiT from a .safetensors file or an in-memory state dict.
 
     `metadata` adds hyper-parameter hints (e.g. `axes_dims`) over the file's own
-    `__metadata__`. The model gets `source_metadata` (the merged metadata) and
-    `base_hash` (see `weights_hash`), which ties adapters to these base weights.
-    A state-dict source's tensors may be shared with the model, not copied.
+    `__metadata__`. The model gets `source_metadata` (the merged metadata), `variant`
+    (the released model its shapes match, e.g. "flux1-dev") and `base_hash` (see
+    `weights_hash`), which ties adapters to these base weights. Tensors that need no
+    fusing or cast are shared with the source (a state dict's tensors, or the mapped
+    file), not copied.
     """
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {list(LOAD_DTYPES)}")
-    if isinstance(source, Mapping):
-        origin, raw, file_metadata = "state dict", strip_prefix(source), {}
-    else:
-        origin = f"'{source}'"
-        raw, file_metadata = _read_safetensors(Path(source))
-    merged_metadata = {**file_metadata, **(metadata or {})}
+    with _open_checkpoint(source) as (stand_ins, read, file_metadata, origin):
+        merged_metadata = {**file_metadata, **(metadata or {})}
+        arch = ARCHITECTURES[detect_architecture(stand_ins)]
+        config = arch.infer_config(stand_ins, merged_metadata)  # before conversion: split keys name the patch size
+        variant = arch.variant(config)
+        plan = arch.plan_layout(stand_ins)
+        with torch.device("meta"):  # no memory for weights about to be replaced
+            model = arch.model_class(config)
+        _check_keys(model, apply_plan(plan, stand_ins), f"{origin} ({variant})")  # shapes only, nothing read yet
 
-    arch = ARCHITECTURES[detect_architecture(raw)]
-    config = arch.infer_config(raw, merged_metadata)  # before conversion: split keys name the patch size
-    state_dict = arch.to_comfy_layout(raw)
-    with torch.device("meta"):  # no memory for weights about to be replaced
-        model = arch.model_class(config)
-    _check_keys(model, state_dict, origin)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    base_hash = weights_hash(state_dict)  # of the stored weights, before any cast
-    # Drop the last outside references, so each stored tensor is freed as soon as
-    # `.to` replaces it: a cast then needs one tensor of headroom, not a model's worth.
-    del raw, state_dict
-    model.to(device=device, dtype=dtype)
+        digest = hashlib.sha256()
+        for key in sorted(plan):  # weights_hash's order
+            sources, combine = plan[key]
+            stored = combine([read(source) for source in sources])  # split parts are dropped right after fusing
+            _hash_tensor(digest, key, stored)  # of the stored weights, before any cast
+            cast = dtype if stored.is_floating_point() else None  # as nn.Module.to casts
+            _assign(model, key, stored.to(device=device, dtype=cast))
+            del stored  # the next tensor needs this one's memory, not a second copy
+
+    left_on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if left_on_meta:
+        raise ValueError(
+            f"{type(model).__name__} holds tensors that are not in its state dict and so were never loaded: "
+            f"{left_on_meta[:KEY_SAMPLE]}; the model class must create them in forward or register them as "
+            "persistent buffers"
+        )
     model.requires_grad_(False)
     model.eval()
     model.source_metadata = merged_metadata
-    model.base_hash = base_hash
+    model.variant = variant
+    model.base_hash = digest.hexdigest()[:16]
     return model
 
 

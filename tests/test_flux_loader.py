@@ -439,11 +439,13 @@ def test_streaming_load_peak_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # cache the OS can drop, shared with any other reader. Beyond that, a load may only
     # hold what it must create (here the cast model; its fused q|k|v are cast tensors
     # too) plus 10% for one tensor's temporaries: a second copy does not fit.
-    slack = 0.1 * file_size
+    # RSS also counts incidental pages (allocator arenas, imports touched late), a few MB that vary
+    # from machine to machine, so its bound is looser; the anonymous bound is the precise one.
+    slack, rss_slack = 0.1 * file_size, 0.4 * file_size
     created = {"bfl fp32": 0, "diffusers bf16": file_size / 2}  # bf16: the whole model, cast
     for name, new_bytes in created.items():
         assert report[name]["anonymous"] < new_bytes + slack, (name, report[name])
-        assert report[name]["rss"] < file_size + new_bytes + slack, (name, report[name])
-    # The meter sees a second copy: the negative control lands outside the budget.
+        assert report[name]["rss"] < file_size + new_bytes + rss_slack, (name, report[name])
+    # The meter sees a second copy: the negative control lands outside both budgets.
     assert report["copy of the file"]["anonymous"] > 0.9 * file_size
-    assert report["copy of the file"]["rss"] > file_size + slack
+    assert report["copy of the file"]["rss"] > file_size + rss_slack

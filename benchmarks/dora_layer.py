@@ -35,6 +35,8 @@ FULL_SHAPES = [
     ("Flux.2 klein 9B attn proj", 4096, 4096, 4096, False),
     ("Flux.2 klein 9B MLP up", 4096, 2 * 12288, 4096, False),
     ("Z-Image attn proj", 3840, 3840, 4608, False),
+    ("Qwen-Image attn proj", 3072, 3072, 4096, True),
+    ("Qwen-Image MLP up", 3072, 12288, 4096, True),
 ]
 FULL_RANKS = (16, 64)
 QUICK_SHAPES = [("quick", 256, 192, 256, True)]

@@ -15,6 +15,8 @@ fraction of the memory):
                    double + 20 single blocks
   Flux.2 klein 9B  4096 wide, 32 heads, SwiGLU mlp_ratio 3, 12288-wide text states
                    (Qwen3-8B, 3 layers); 2 + 4 of 8 double + 24 single blocks
+  Qwen-Image       3072 wide, 24 heads, GELU MLP 4x, Qwen2.5-VL 3584 text states;
+                   4 of 60 dual-stream blocks
 
 Each gets one 1024x1024 image (4096 image tokens) and a 512-token caption; every model
 is called the same way, with the engine's conditioning record (`model(x, sigma,
@@ -34,6 +36,7 @@ from torch import nn
 
 from ..training.conditioning import Conditioning
 from ..training.models.flux import FluxConfig, FluxDiT
+from ..training.models.qwen_image import QwenImageConfig, QwenImageDiT
 from ..training.models.zimage import ZImageConfig, ZImageDiT
 from ..training.network.network import LoRANetwork, NetworkConfig
 from .common import Setup, parse_setup, peak_mib, ratio, table, time_ms
@@ -46,8 +49,8 @@ class ModelShape:
     """One table: a model slice and the inputs of one training sample."""
 
     title: str
-    config: ZImageConfig | FluxConfig
-    real_depth: tuple[int, ...]  # the released model's blocks: (main,) for Z-Image, (double, single) for Flux
+    config: ZImageConfig | FluxConfig | QwenImageConfig
+    real_depth: tuple[int, ...]  # the released model's blocks: (main,) for Z-Image / Qwen, (double, single) for Flux
     latent: tuple[int, int]  # (channels, side) of the model-space latent
     text: tuple[int, int]  # (tokens, width) of the caption's text states
     pooled: int = 0  # pooled-vector width (Flux.1: CLIP-L 768); 0 = none
@@ -55,16 +58,21 @@ class ModelShape:
     rank: int = 32
 
     def build(self) -> nn.Module:
-        return ZImageDiT(self.config) if isinstance(self.config, ZImageConfig) else FluxDiT(self.config)
+        model_class = {ZImageConfig: ZImageDiT, FluxConfig: FluxDiT, QwenImageConfig: QwenImageDiT}[type(self.config)]
+        return model_class(self.config)
 
     def blocks(self) -> str:
         """The slice's blocks and the released model's, e.g. '2 + 4 of 19 double + 38 single blocks'."""
         if isinstance(self.config, ZImageConfig):
             return f"{self.config.n_layers} of {self.real_depth[0]} main blocks"
+        if isinstance(self.config, QwenImageConfig):
+            return f"{self.config.num_layers} of {self.real_depth[0]} dual-stream blocks"
         double, single = self.real_depth
         return f"{self.config.depth} + {self.config.depth_single_blocks} of {double} double + {single} single blocks"
 
     def width(self) -> int:
+        if isinstance(self.config, QwenImageConfig):
+            return self.config.num_heads * self.config.head_dim
         return self.config.dim if isinstance(self.config, ZImageConfig) else self.config.hidden_size
 
     def image_tokens(self) -> int:
@@ -87,6 +95,7 @@ FULL = [
                text=(512, 4096), pooled=768, guidance=GUIDANCE),
     ModelShape("Flux.2 klein 4B", _flux2(3072, 24, 7680), (5, 20), latent=(128, 64), text=(512, 7680)),
     ModelShape("Flux.2 klein 9B", _flux2(4096, 32, 12288), (8, 24), latent=(128, 64), text=(512, 12288)),
+    ModelShape("Qwen-Image", QwenImageConfig(num_layers=4), (60,), latent=(16, 128), text=(512, 3584)),
 ]
 # One tiny config per family, so the CPU check stays fast.
 QUICK = [
@@ -99,6 +108,9 @@ QUICK = [
     ModelShape("Flux.2 klein (tiny)", _flux2(64, 2, 32, in_channels=16, depth=1, depth_single_blocks=1,
                                              axes_dim=[8, 8, 8, 8]),
                (5, 20), latent=(16, 8), text=(16, 32), rank=8),
+    ModelShape("Qwen-Image (tiny)", QwenImageConfig(num_layers=1, num_heads=2, head_dim=32, joint_attention_dim=32,
+                                                    axes_dim=[8, 12, 12]),
+               (60,), latent=(16, 16), text=(16, 32), rank=8),
 ]
 
 

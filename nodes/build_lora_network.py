@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..training.network.file_config import config_for_file
 from ..training.network.lora import DORA_AXES, INITS
 from ..training.network.network import NetworkConfig, select
 from . import host
@@ -106,11 +107,24 @@ class BuildLoRANetwork:
                 "continue_from": ([NO_FILE, *host.model_files("loras")],
                                   {"tooltip": "Start from an existing adapter in models/loras (ours, kohya / "
                                               "musubi, ai-toolkit, diffusers or PEFT names) instead of a fresh one."}),
-            }
+            },
+            "optional": {  # optional widgets: workflows saved before they existed still validate
+                "training_adapter": ([NO_FILE, *host.model_files("loras")],
+                                     {"default": NO_FILE,
+                                      "tooltip": "Distilled bases (Z-Image Turbo, Flux.1 schnell): a LoRA in "
+                                                 "models/loras that undoes the distillation (ai-toolkit's training "
+                                                 "adapter), merged into the base while training only. Previews and "
+                                                 "the saved adapter leave it out, so the LoRA keeps the few-step "
+                                                 "sampling. Its layers must use algo lora."}),
+                "training_adapter_strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                                        "tooltip": "Strength the training adapter is merged at, as "
+                                                                   "LoraLoader's strength_model (1.0 as trained)."}),
+            },
         }
 
     def build(self, model: DitModel, continue_from: str, include_patterns: str, exclude_patterns: str,
-              rank_pattern: str, alpha_pattern: str, **options):
+              rank_pattern: str, alpha_pattern: str, training_adapter: str = NO_FILE,
+              training_adapter_strength: float = 1.0, **options):
         cfg = NetworkConfig.from_dict({
             **options,
             "include_patterns": pattern_lines(include_patterns),
@@ -125,6 +139,10 @@ class BuildLoRANetwork:
                 "rank patterns (full match on dotted names like 'layers.0.attention.qkv')"
             )
         init_from = None if continue_from == NO_FILE else host.model_path("loras", continue_from)
+        adapter_file = None if training_adapter == NO_FILE else host.model_path("loras", training_adapter)
         summary = (f"{cfg.algo}, rank {cfg.rank}, alpha {cfg.alpha:g}: {len(selection.chosen)} layers adapted, "
                    f"{len(selection.skipped)} skipped" + (f"; continues {continue_from}" if init_from else ""))
-        return (LoraNetworkSpec(cfg, init_from), summary)
+        if adapter_file is not None:
+            config_for_file(model.model, model.architecture, adapter_file)  # a file for another model fails here
+            summary += f"; training adapter {training_adapter} at {training_adapter_strength:g}"
+        return (LoraNetworkSpec(cfg, init_from, adapter_file, training_adapter_strength), summary)

@@ -21,7 +21,8 @@ from ..training.demo.encoders import demo_encoders
 from ..training.demo.model import demo_text_encoder
 from ..training.demo.pixel_vae import PixelVAE
 from ..training.conditioning import Conditioning
-from ..training.encoders import Encoders, ImageEncoder, LatentDecoder, TextEncoder
+from ..training.encoders import TEXT_ENCODER_READS_IMAGES, Encoders, ImageEncoder, LatentDecoder, TextEncoder
+from .edit_text_encoding import STYLES, tokenize_with_images
 from .inference_mode import comfy_call
 from .sockets import DitModel
 
@@ -62,14 +63,19 @@ def _record(states: torch.Tensor, extra: dict[str, Any]) -> Conditioning:
     return Conditioning(trimmed, torch.tensor([trimmed.shape[1]]), _pooled(extra))
 
 
-def clip_text_encoder(clip: Any) -> TextEncoder:
+def clip_text_encoder(clip: Any, edit_style: str = STYLES[0]) -> TextEncoder:
     """Captions through a ComfyUI CLIP, exactly as CLIPTextEncode encodes a prompt (states, and the
-    pooled vector for encoders that give one)."""
+    pooled vector for encoders that give one); with `images`, each prompt's control images go to the
+    tokenizer too, as the Qwen-Image-Edit node `edit_style` does (edit_text_encoding.py)."""
 
-    def encode(prompts: list[str]) -> Conditioning:
+    def encode(prompts: list[str], images: list[list[torch.Tensor]] | None = None) -> Conditioning:
         records = []
-        for prompt in prompts:
-            out = comfy_call(clip.encode_from_tokens, clip.tokenize(prompt), return_dict=True)
+        for index, prompt in enumerate(prompts):
+            if images and images[index]:
+                tokens = tokenize_with_images(clip, prompt, images[index], edit_style)
+            else:
+                tokens = clip.tokenize(prompt)
+            out = comfy_call(clip.encode_from_tokens, tokens, return_dict=True)
             records.append(_record(out["cond"], out))
         return Conditioning.collate(records)
 
@@ -136,7 +142,8 @@ def _refuse_on_demo(dit: DitModel, node: str, **connected: Any) -> None:
         )
 
 
-def dataset_encoders(dit: DitModel, clip: Any | None, vae: Any | None, node: str) -> Encoders:
+def dataset_encoders(dit: DitModel, clip: Any | None, vae: Any | None, node: str,
+                     edit_style: str = STYLES[0]) -> Encoders:
     """Everything a dataset and its previews need: the connected CLIP + VAE, or the demo's own."""
     _refuse_on_demo(dit, node, CLIP=clip, VAE=vae)
     if dit.demo:
@@ -150,13 +157,17 @@ def dataset_encoders(dit: DitModel, clip: Any | None, vae: Any | None, node: str
     # ComfyUI's CLIP and VAE objects hold their torch modules in these attributes.
     encoder_id = (f"comfyui:{dit.architecture}:vae-{weights_fingerprint(vae.first_stage_model)}"
                   f":text-{weights_fingerprint(clip.cond_stage_model)}")
+    reads_images = dit.architecture in TEXT_ENCODER_READS_IMAGES
+    if reads_images:  # the captions' states depend on how the control image was shown to the encoder
+        encoder_id += f":edit-text-{edit_style}"
     return Encoders(
         encode_images=vae_image_encoder(vae, dit),
-        encode_text=clip_text_encoder(clip),
+        encode_text=clip_text_encoder(clip, edit_style),
         decode=vae_latent_decoder(vae, dit),
         latent_downscale=dit.latent_format.downscale,
         latent_channels=dit.latent_format.channels,
         encoder_id=encoder_id,
+        text_reads_images=reads_images,
     )
 
 

@@ -10,6 +10,7 @@ from ..training.data.folder_dataset import FolderDataset
 from ..training.demo.dataset_folder import write_demo_dataset
 from . import host
 from .comfy_io import dataset_encoders
+from .edit_text_encoding import STYLES
 from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_DATASET, DITT_MODEL, TrainingSet
 
@@ -107,6 +108,11 @@ class DatasetFromFolder:
                                               "tooltip": "Edit training (Flux.1 Kontext, Flux.2): subfolder with each "
                                                          "image's control image, same stem (or <stem>_0, <stem>_1 ... "
                                                          "for several), encoded with the VAE. Empty: plain training."}),
+                "edit_text_encoder": (list(STYLES), {
+                    "default": STYLES[0],
+                    "tooltip": "Qwen-Image-Edit reads the control image with the caption: encode captions as the "
+                               "node you will prompt with does (Plus for Edit-2509 / 2511, the plain node for the "
+                               "first Edit). Other models ignore it."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder (not needed for the embedded demo)."}),
                 "vae": ("VAE", {"tooltip": "The model's VAE (not needed for the embedded demo)."}),
             },
@@ -119,13 +125,13 @@ class DatasetFromFolder:
         return folder_state(path) if folder != DEMO_FOLDER and path.is_dir() else folder
 
     @outside_inference_mode  # latents and caption states are trained on later
-    def load(self, model, folder: str, clip=None, vae=None, **options):
-        encoders = dataset_encoders(model, clip, vae, "DatasetFromFolder")
+    def load(self, model, folder: str, clip=None, vae=None, edit_text_encoder: str = STYLES[0], **options):
+        encoders = dataset_encoders(model, clip, vae, "DatasetFromFolder", edit_text_encoder)
         path = resolve_folder(folder)
         cfg = DataConfig(**options)
         data = FolderDataset.from_folder(
             path, cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale, encoders.encoder_id,
-            patch=model.model.cfg.patch_size,
+            patch=model.model.cfg.patch_size, text_reads_controls=encoders.text_reads_images,
         )
         summary = f"{path}\n{data.summary()}\nencoder id: {encoders.encoder_id}"
         fingerprint = dataset_fingerprint(path, cfg, encoders.encoder_id)

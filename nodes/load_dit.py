@@ -8,12 +8,14 @@ from ..kernels.attention import BACKENDS
 from ..training.demo.model import BASE_CHECKPOINT, missing_checkpoint_error
 from ..training.models.latent_formats import latent_format_for
 from ..training.models.loader import load_dit
+from ..training.models.zimage import zimage_variant
 from . import host
 from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_MODEL, DitModel
 
 DEMO_CHECKPOINT = "[embedded demo] dit_trainer_demo"
 # fp8 storage is not supported by the engine yet, so it is not offered.
+VARIANT_CHOICES = {"auto": "", "z-image turbo": "zimage-turbo", "z-image base": "zimage-base"}
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -55,11 +57,19 @@ class LoadDiT:
                     {"default": False,
                      "tooltip": "Recompute block activations during backward: much less memory, about 30% slower."},
                 ),
-            }
+            },
+            "optional": {  # an optional widget: workflows saved before it existed still validate
+                "variant": (list(VARIANT_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "Z-Image Turbo and Base have the same shapes: auto reads the file's metadata or "
+                               "name; set it when neither says. Previews use the variant's sampling (Turbo: 8 "
+                               "steps, no CFG; Base: 50 steps, CFG 5) where a prompt line gives no --s / --l."}),
+            },
         }
 
     @outside_inference_mode  # the weights are trained against later: they must not be inference tensors
-    def load(self, checkpoint: str, weight_dtype: str, attention: str, gradient_checkpointing: bool):
+    def load(self, checkpoint: str, weight_dtype: str, attention: str, gradient_checkpointing: bool,
+             variant: str = "auto"):
         demo = checkpoint == DEMO_CHECKPOINT
         if demo:
             if not BASE_CHECKPOINT.is_file():
@@ -70,6 +80,11 @@ class LoadDiT:
         model = load_dit(path, dtype=WEIGHT_DTYPES[weight_dtype])
         model.set_attention_backend(attention)
         architecture = model.architecture
+        if architecture == "zimage" and not demo:
+            model.variant = zimage_variant(checkpoint, model.source_metadata) if variant == "auto" else VARIANT_CHOICES[variant]
+        elif variant != "auto":
+            raise ValueError(f"LoadDiT: variant {variant!r} is for Z-Image; {checkpoint} is {model.variant}. Set variant "
+                             "to auto")
         return (
             DitModel(
                 model=model,

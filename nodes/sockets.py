@@ -53,6 +53,8 @@ class LoraNetworkSpec:
 
     config: NetworkConfig
     init_from: Path | None  # an adapter file to continue training from
+    training_adapter: Path | None = None  # a LoRA merged into the base while training only (distilled bases)
+    training_adapter_strength: float = 1.0
 
 
 @dataclass

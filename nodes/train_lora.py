@@ -16,10 +16,11 @@ from ..training.loop import PreviewSpec, save_trained_adapter, train
 from ..training.losses import HUBER_SCHEDULES, LOSSES
 from ..training.network.comfy_format import load_adapter_into
 from ..training.network.network import seeded_network
+from ..training.network.training_adapter import TrainingAdapter
 from ..training.optimizers import OPTIMIZERS
 from ..training.plots import loss_curve, save_png
 from ..training.progress import ProgressEvent
-from ..training.prompts import DEFAULT_GUIDANCE, SamplePrompt, parse_prompts, preview_specs
+from ..training.prompts import DEFAULT_GUIDANCE, parse_prompts, preview_specs, sampling_defaults
 from ..training.run_folder import RUN_ID_KEY, PreparedRun, free_adapter_path, prepare_run, run_lock
 from ..training.run_settings import run_settings
 from ..training.schedules import SCHEDULES
@@ -88,9 +89,11 @@ def previews_for(dit: DitModel, dataset: TrainingSet, prompts_text: str, conditi
             raise ValueError("TrainLoRA: the embedded demo model decodes with its own pixel VAE; disconnect the VAE")
         encoders = dataclasses.replace(encoders, decode=vae_latent_decoder(vae, dit))
     width, height = common_size(dataset)
-    defaults = SamplePrompt(prompt="", width=width, height=height, seed=seed)
+    defaults = sampling_defaults(getattr(dit.model, "variant", ""), width=width, height=height, seed=seed)
     references = dataset.data.preview_references()
-    specs = preview_specs(parse_prompts(prompts_text, defaults), encoders, dit.model.cfg.patch_size, references)
+    text_images = dataset.data.preview_text_images() if encoders.text_reads_images else None
+    specs = preview_specs(parse_prompts(prompts_text, defaults), encoders, dit.model.cfg.patch_size, references,
+                          text_images)
     if conditioning is not None:
         cond = conditioning_record(conditioning, "TrainLoRA sample_conditioning", dit)
         if cond.guidance is None:
@@ -217,14 +220,22 @@ class TrainLoRA:
         specs = previews_for(model, dataset, sample_prompts, sample_conditioning, vae, cfg.seed) if cfg.sample_every else []
         settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, dataset.fingerprint,
                                 network.init_from)
+        training_adapter = None
+        if network.training_adapter is not None:
+            training_adapter = TrainingAdapter(model.model, model.architecture, network.training_adapter,
+                                               network.training_adapter_strength)
+            settings = training_adapter.recorded_in(settings)
         with run_lock(run_dir, "TrainLoRA name"):
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
-            return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id))
+            return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
+                               training_adapter)
 
     def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
-               specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str):
+               specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str,
+               training_adapter: TrainingAdapter | None):
         run_dir = run.run_dir
-        metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id}
+        metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id,
+                    **(training_adapter.metadata() if training_adapter is not None else {})}
         progress = host.Progress(cfg.steps)
         samples: list[dict] = []
         token = secrets.token_hex(3)  # fresh file names per call, so the browser never shows stale previews
@@ -256,7 +267,7 @@ class TrainLoRA:
                     log.warning("TrainLoRA: %s", warning)
             result = train(model.model, lora, dataset.data, cfg, on_progress, specs, should_stop=host.interrupted,
                            run_dir=run_dir, resume_from=run_dir if run.continuing else None,
-                           adapter_metadata=metadata, settings=settings)
+                           adapter_metadata=metadata, settings=settings, training_adapter=training_adapter)
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)

@@ -297,7 +297,7 @@ FLUX_TRAIN = {"steps": 2000, "lr": 1e-4, "schedule": "cosine", "warmup_steps": 1
 
 
 def _compare_graph(stem: str, heading: str, checkpoint: str, loaders: list[Node], run: str, train: dict,
-                   sample: dict, note: str) -> Graph:
+                   sample: dict, note: str, network: dict | None = None) -> Graph:
     """Train a LoRA, then sample the base and the LoRA with the same seed, side by side."""
     return Graph(
         stem,
@@ -305,7 +305,7 @@ def _compare_graph(stem: str, heading: str, checkpoint: str, loaders: list[Node]
         [
             Node("model", "LoadDiT", 0, {"checkpoint": checkpoint, "gradient_checkpointing": True}),
             *loaders,
-            Node("network", "BuildLoRANetwork", 1, {"algo": "lora", "rank": 16, "alpha": 16.0}),
+            Node("network", "BuildLoRANetwork", 1, network or {"algo": "lora", "rank": 16, "alpha": 16.0}),
             Node("data", "DatasetFromFolder", 1, ZIMAGE_DATASET),
             Node("train", "TrainLoRA", 2, {"name": run, **train}, width=420),
             Node("loss", "PreviewImage", 3, title="Loss curve", width=360),
@@ -337,6 +337,22 @@ def zimage_graph() -> Graph:
         "models/text_encoders, the Flux VAE (ae) in models/vae.\nDataset: ComfyUI/input/my_dataset with "
         "images + same-name .txt captions.\nThe result lands in models/loras/zimage_subject.safetensors;\n"
         "the grid compares the base (left) with the LoRA (right).")
+
+
+def zimage_base_graph() -> Graph:
+    """The Z-Image Base recipe users report working: sigmoid timesteps, shift 1, AdamW 1e-4, wd 0.01, r32 / a32."""
+    sample = {"prompt": "a photo of sks person in a garden", "negative_prompt": "blurry, low quality",
+              "width": 1024, "height": 1024, "steps": 50, "cfg": 5.0, "shift": 3.0, "seed": 1}
+    train = {**ZIMAGE_TRAIN, "lr": 1e-4, "weight_decay": 0.01, "optimizer": "adamw", "timestep_sampling": "sigmoid",
+             "discrete_flow_shift": 1.0,
+             "sample_prompts": "a photo of sks person in a garden --n blurry, low quality --w 1024 --h 1024 --d 1"}
+    return _compare_graph(
+        "Z-Image Base LoRA, the recipe that works, base and LoRA side by side", "Z-Image Base LoRA recipe + grid",
+        "z_image_base_bf16.safetensors", ZIMAGE_LOADERS, "zimage_base_subject", train, sample,
+        "## Z-Image Base recipe\nsigmoid timesteps, shift 1.0, AdamW lr 1e-4, weight decay 0.01,\nrank 32 / "
+        "alpha 32 (what Base users report working).\nBase samples at 50 steps with CFG 5 and a negative; "
+        "previews\nuse that too (LoadDiT reads Base / Turbo from the file name,\nor set its variant).",
+        network={"algo": "lora", "rank": 32, "alpha": 32.0})
 
 
 def masked_dora_graph() -> Graph:
@@ -487,7 +503,84 @@ def kontext_graph() -> Graph:
     )
 
 
-GRAPHS = (demo_graph, zimage_graph, masked_dora_graph, use_result_graph, flux1_graph, flux2_graph, kontext_graph)
+QWEN_LOADERS = [
+    Node("clip", "CLIPLoader", 0, {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"},
+         width=300),
+    Node("vae", "VAELoader", 0, {"vae_name": "qwen_image_vae.safetensors"}, width=300),
+]
+QWEN_TRAIN = {"steps": 2000, "lr": 1e-4, "schedule": "cosine", "warmup_steps": 100, "timestep_sampling": "shift",
+              "discrete_flow_shift": 2.2, "mixed_precision": "bf16", "save_every": 250, "sample_every": 250}
+
+
+def qwen_persona_graph() -> Graph:
+    """RS-LoRA + LoRA+ with the modulation layers trained, masked loss, shift 2.2, 1328 px buckets."""
+    sample = {"prompt": "a photo of sks person in a garden", "negative_prompt": "blurry, low quality",
+              "width": 1328, "height": 1328, "steps": 30, "cfg": 4.0, "shift": 2.2, "seed": 1}
+    graph = _compare_graph(
+        "Qwen-Image persona LoRA (RS-LoRA, LoRA+, masks), base and LoRA side by side",
+        "Qwen-Image persona LoRA + base / LoRA grid", "qwen_image_bf16.safetensors", QWEN_LOADERS, "qwen_persona",
+        {**QWEN_TRAIN, "sample_prompts": "a photo of sks person in a garden --n blurry, low quality --w 1328 --h 1328 "
+                                         "--s 30 --l 4 --fs 2.2 --d 1"},
+        sample,
+        "## Qwen-Image persona LoRA\nRS-LoRA rank 32, LoRA+ ratio 4, img_mod / txt_mod trained\n(exclude_mod off), "
+        "loss weighted by masks/ (white = the person),\ntimestep shift 2.2, 1328 px buckets in steps of 32 (even "
+        "token\ngrids: the positions ComfyUI samples with). Models: qwen_image,\nQwen2.5-VL 7B (CLIPLoader "
+        "qwen_image), the Qwen-Image VAE.",
+        network={"algo": "lora", "rank": 32, "alpha": 32.0, "use_rslora": True, "loraplus_lr_ratio": 4.0,
+                 "exclude_mod": False})
+    data = next(n for n in graph.nodes if n.key == "data")
+    data.widgets = {"folder": "my_dataset", "resolution": 1328, "bucket_step": 32, "min_side": 512, "max_side": 2048,
+                    "masks": "folder"}
+    graph.nodes.insert(graph.nodes.index(data) + 1,
+                       Node("weights", "WeightedMask", 2, {"mask_gamma": 1.0, "mask_min_weight": 0.1}))
+    graph.links = [(a, b, c, d) if (a, c) != ("data", "train") else ("weights", b, c, d) for a, b, c, d in graph.links]
+    graph.links.append(("data", "dataset", "weights", "dataset"))
+    return graph
+
+
+def qwen_edit_graph() -> Graph:
+    instruction = "turn the photo into a watercolor painting"
+    return Graph(
+        "Qwen-Image-Edit LoRA from image pairs",
+        "Qwen-Image-Edit LoRA from before / after pairs",
+        [
+            Node("model", "LoadDiT", 0, {"checkpoint": "qwen_image_edit_2509_bf16.safetensors",
+                                         "gradient_checkpointing": True}),
+            *QWEN_LOADERS,
+            Node("network", "BuildLoRANetwork", 1, {"algo": "lora", "rank": 16, "alpha": 16.0}),
+            Node("data", "DatasetFromFolder", 1, {**ZIMAGE_DATASET, "folder": "my_pairs", "control_folder": "control",
+                                                  "edit_text_encoder": "TextEncodeQwenImageEditPlus"}),
+            Node("train", "TrainLoRA", 2, {"name": "qwen_edit_watercolor", **QWEN_TRAIN,
+                                           "sample_prompts": f"{instruction} --n blurry --s 30 --l 4 --fs 2.2 --d 1"},
+                 width=420),
+            Node("loss", "PreviewImage", 3, title="Loss curve", width=360),
+            Node("photo", "LoadImage", 1, {"image": "edit_me.png"}, title="Image to edit"),
+            Node("prompt", "TextEncodeQwenImageEditPlus", 2, {"prompt": instruction}, width=300),
+            Node("negative", "TextEncodeQwenImageEditPlus", 2, {"prompt": ""}, width=300, title="Negative"),
+            Node("sample", "SampleWithLoRA", 3, {"width": 1024, "height": 1024, "steps": 30, "cfg": 4.0,
+                                                 "shift": 2.2, "seed": 1}, title="Edit with the LoRA"),
+            Node("save", "SaveImage", 4, {"filename_prefix": "dit_trainer/qwen_edit"}, width=300),
+        ],
+        [
+            *TRAINING_LINKS,
+            *[link for node in ("prompt", "negative") for link in (
+                ("clip", "CLIP", node, "clip"), ("vae", "VAE", node, "vae"), ("photo", "IMAGE", node, "image1"))],
+            ("model", "model", "sample", "model"),
+            ("train", "lora", "sample", "lora"),
+            ("prompt", "CONDITIONING", "sample", "positive"),
+            ("negative", "CONDITIONING", "sample", "negative"),
+            ("vae", "VAE", "sample", "vae"),
+            ("sample", "image", "save", "images"),
+        ],
+        [(0, "## Qwen-Image-Edit LoRA\nPairs: ComfyUI/input/my_pairs/a.png (the result) + a.txt (the\ninstruction) "
+              "+ control/a.png (the image before the edit).\nCaptions are encoded with their control image, as "
+              "TextEncodeQwenImageEditPlus\nencodes the prompt (edit_text_encoder); the control latents are\nthe "
+              "model's reference tokens. Sampling edits the image given to the node.")],
+    )
+
+
+GRAPHS = (demo_graph, zimage_graph, zimage_base_graph, masked_dora_graph, use_result_graph, flux1_graph, flux2_graph,
+          kontext_graph, qwen_persona_graph, qwen_edit_graph)
 
 
 # --- thumbnails ----------------------------------------------------------------------

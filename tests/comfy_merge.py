@@ -7,7 +7,11 @@
   Flux.2 (model_base.Flux2 subclasses Flux, so the same branch runs) those of
   `flux_to_diffusers` under `transformer.` / `lycoris_` / `lora_transformer_` / bare,
   plus `<path>.linear1_qkv`; q / k / v map to row slices of the fused qkv. Transcribed
-  from the 2026 ComfyUI source (after its Flux.2 support; 0.3.64 predates it).
+  from the 2026 ComfyUI source (after its Flux.2 support; 0.3.64 predates it). For
+  Qwen-Image (model_base.QwenImage), whose module names are diffusers', no conversion
+  table: every `diffusion_model.<path>.weight` is also mapped as bare `<path>`,
+  `transformer.<path>` and `lycoris_<path_>` (0.3.64; neither `base_model.model.` nor
+  `lora_transformer_`).
 * `comfy_lora_patches`: comfy/lora.py `load_lora` + `LoRAAdapter.load` (the up / down
   key names it tries, in order; `alpha`, `dora_scale`), reporting keys not loaded.
 * `comfy_merge` / `comfy_patched_weights`: `LoRAAdapter.calculate_weight` +
@@ -148,12 +152,13 @@ def flux_to_diffusers(depth: int, depth_single_blocks: int, hidden_size: int, ou
     return key_map
 
 
-def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = None) -> dict:
+def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = None, qwen_image: bool = False) -> dict:
     """LoRA module key -> model weight key (or (weight key, (dim, offset, length)) for a slice).
 
     model_keys: the model's state-dict keys with the `diffusion_model.` prefix.
     zimage: {"n_layers", "dim", "n_refiner_layers"} to add Z-Image's diffusers names;
-    flux: {"depth", "depth_single_blocks", "hidden_size"} to add Flux.1's / Flux.2's.
+    flux: {"depth", "depth_single_blocks", "hidden_size"} to add Flux.1's / Flux.2's;
+    qwen_image: add the QwenImage branch's forms of every weight.
     """
     key_map = {}
     for k in model_keys:
@@ -180,6 +185,13 @@ def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = No
         for k in model_keys:
             if k.endswith(".linear1.weight"):
                 key_map[k.replace(".linear1.weight", ".linear1_qkv")] = (k, (0, 0, flux["hidden_size"] * 3))
+    if qwen_image:
+        for k in model_keys:
+            if k.startswith("diffusion_model.") and k.endswith(".weight"):
+                key_lora = k[len("diffusion_model.") : -len(".weight")]
+                key_map[key_lora] = k  # QwenImage LoRA format (DiffSynth)
+                key_map[f"transformer.{key_lora}"] = k
+                key_map[f"lycoris_{key_lora.replace('.', '_')}"] = k  # SimpleTuner lycoris
     return key_map
 
 

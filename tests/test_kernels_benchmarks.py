@@ -36,13 +36,14 @@ def test_benchmarks_quick_mode_runs(capsys, one_thread):
         "Training step, Z-Image (tiny)",
         "Training step, Flux.1-dev (tiny)",
         "Training step, Flux.2 klein (tiny)",
+        "Training step, Qwen-Image (tiny)",
         "DoRA output axis (torch)",
         "ms / step",
     ):
         assert expected in out
     # Every model's table has its LoRA row and both DoRA axes (rows start with two spaces).
     tables = out.split("Training step, ")[1:]
-    assert len(tables) == 3
+    assert len(tables) == 4
     for model_table in tables:
         for row in ("\n  LoRA ", "\n  DoRA input axis (torch)", "\n  DoRA output axis (torch)"):
             assert row in model_table, model_table
@@ -54,6 +55,7 @@ def test_full_shapes_are_the_released_models():
     from dit_trainer.benchmarks import dora_layer, train_step
     from dit_trainer.training.models.flux import FluxConfig
     from dit_trainer.training.models.flux_layouts import flux_variant
+    from dit_trainer.training.models.qwen_image import QwenImageConfig
 
     # Each Flux slice, at its released depth, is the released model (widths, heads, text
     # width, MLP, guidance), and its latent gives 1024x1024's 4096 image tokens.
@@ -65,6 +67,9 @@ def test_full_shapes_are_the_released_models():
         assert flux_variant(replace(shape.config, depth=double, depth_single_blocks=single)) == variant, title
         assert shape.image_tokens() == 4096, title
         assert isinstance(shape.config, FluxConfig) and shape.text[1] == shape.config.context_in_dim, title
+    qwen = by_title["Qwen-Image"]
+    assert replace(qwen.config, num_layers=qwen.real_depth[0]) == QwenImageConfig()  # the released 20B model
+    assert qwen.image_tokens() == 4096 and qwen.text[1] == qwen.config.joint_attention_dim
 
     # Every DoRA layer shape is a Linear of that model (in, out, bias), built without memory.
     layers = {}
@@ -75,7 +80,7 @@ def test_full_shapes_are_the_released_models():
             (m.in_features, m.out_features, m.bias is not None) for m in model.modules() if isinstance(m, torch.nn.Linear)
         }
     model_of = {"Flux.1 ": "Flux.1-dev", "Flux.2 klein 4B ": "Flux.2 klein 4B", "Flux.2 klein 9B ": "Flux.2 klein 9B",
-                "Z-Image ": "Z-Image"}
+                "Z-Image ": "Z-Image", "Qwen-Image ": "Qwen-Image"}
     for label, n_in, n_out, _, bias in dora_layer.FULL_SHAPES:
         (title,) = [title for prefix, title in model_of.items() if label.startswith(prefix)]
         assert (n_in, n_out, bias) in layers[title], label

@@ -144,3 +144,36 @@ def test_dataset_node_reruns_when_the_folder_contents_change(comfy_host, comfy_p
     assert is_changed("subject") == before  # our own cache does not count
     (folder / "1.txt").write_text("a longer caption than before", encoding="utf-8")
     assert is_changed("subject") != before
+
+
+def test_qwen_latent_format_is_comfyuis_wan21_with_one_frame():
+    from dit_trainer.training.models.latent_formats import WAN21
+
+    z = torch.randn(2, 16, 1, 4, 6)
+    mean = torch.tensor(WAN21.channel_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN21.channel_std).view(1, 16, 1, 1, 1)
+    # comfy/latent_formats.py Wan21.process_in: (latent - mean) * scale_factor / std, on 5-D video latents.
+    assert torch.allclose(WAN21.to_model(z), ((z - mean) / std)[:, :, 0])
+    assert WAN21.to_vae(WAN21.to_model(z)).shape == z.shape
+    assert torch.allclose(WAN21.to_vae(WAN21.to_model(z)), z, atol=1e-5)
+    assert latent_format_for("qwen_image") is WAN21
+    with pytest.raises(ValueError, match="3 frames"):
+        WAN21.to_model(torch.randn(1, 16, 3, 4, 4))
+
+
+def test_zimage_turbo_or_base_comes_from_the_name_or_the_variant_widget(comfy_host, comfy_pack):
+    from dit_trainer.training.prompts import sampling_defaults
+
+    torch.manual_seed(0)
+    cfg = ZImageConfig(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, ffn_dim=64, cap_feat_dim=32,
+                       t_mid_dim=64, axes_dims=[4, 6, 6])
+    for name in ("z_image_turbo_tiny.safetensors", "z_image_base_tiny.safetensors", "mine.safetensors"):
+        save_dit(ZImageDiT(cfg), comfy_host.folder("diffusion_models") / name)
+    load = comfy_pack.NODE_CLASS_MAPPINGS["LoadDiT"]
+    variant = lambda name, **kw: call_node(load, name, "fp32", "sdpa", False, **kw)[0].model.variant  # noqa: E731
+    assert variant("z_image_turbo_tiny.safetensors") == "zimage-turbo"
+    assert variant("z_image_base_tiny.safetensors") == "zimage-base"
+    assert variant("mine.safetensors") == "zimage"
+    assert variant("mine.safetensors", variant="z-image base") == "zimage-base"
+    turbo, base, other = (sampling_defaults(v) for v in ("zimage-turbo", "zimage-base", "zimage"))
+    assert (turbo.steps, turbo.cfg, base.steps, base.cfg, other.steps) == (8, 1.0, 50, 5.0, 20)

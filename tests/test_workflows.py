@@ -30,7 +30,7 @@ def info() -> dict:
     return builder.object_info()
 
 
-def test_the_seven_examples_are_there():
+def test_the_ten_examples_are_there():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     assert builder.DEMO_STEM in EXPECTED and sum(graph().demo for graph in builder.GRAPHS) == 1
     assert all(" " in stem for stem in EXPECTED)  # readable titles in the Templates dialog, not file-name slugs

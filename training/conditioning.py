@@ -114,7 +114,7 @@ class Conditioning:
             raise ValueError(
                 f"the conditioning carries {len(self.reference_latents)} reference image(s), but the "
                 f"{getattr(model, 'architecture', type(model).__name__)} model has no reference-image input; train "
-                "edit pairs on an edit model (Flux.1 Kontext, Flux.2) or drop the control images"
+                "edit pairs on an edit model (Flux.1 Kontext, Flux.2, Qwen-Image-Edit) or drop the control images"
             )
         inputs: dict[str, object] = {"context": self.context, "context_lens": self.context_lens}
         if "pooled" in reads:

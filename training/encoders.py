@@ -21,6 +21,11 @@ TextEncoder = Callable[[list[str]], Conditioning | tuple[torch.Tensor, torch.Ten
 LatentDecoder = Callable[[torch.Tensor], list[Image.Image]]  # latents -> images
 
 
+# Architectures whose text encoder also reads an edit pair's control images: Qwen-Image-Edit's
+# Qwen2.5-VL sees the image it edits (ComfyUI's TextEncodeQwenImageEdit tokenizes prompt + image).
+TEXT_ENCODER_READS_IMAGES = frozenset({"qwen_image"})
+
+
 @dataclass
 class Encoders:
     encode_images: ImageEncoder
@@ -29,3 +34,6 @@ class Encoders:
     latent_downscale: int  # pixels per latent cell along each side
     latent_channels: int
     encoder_id: str  # names the encoders in cache keys: a different VAE / text encoder re-encodes
+    # The text encoder also reads an edit pair's control images: encode_text(captions, images=[[3, H, W] ...])
+    # (Qwen-Image-Edit's Qwen2.5-VL, as ComfyUI's TextEncodeQwenImageEdit feeds it).
+    text_reads_images: bool = False

@@ -15,6 +15,10 @@ Nothing is lost and nothing non-finite is kept: a checkpoint is written every
 signals.py) and when an exception ends the run; the write cannot be cut short by a
 second signal; weights that turn NaN / inf stop the run at once and are never saved,
 so the newest checkpoint stays the last finite one.
+
+A training adapter (network/training_adapter.py) is merged into the base while steps
+run and lifted for previews; the base holds its original weights again when train()
+returns or raises.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from .ema import AdapterEMA
 from .losses import flow_loss
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
+from .network.training_adapter import TrainingAdapter
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
 from .progress import ProgressCallback, ProgressEvent, StepClock
 from .run_settings import FREE, resume_changes, run_settings
@@ -219,7 +224,7 @@ class _Run:
     """The state of one `train()` call; its methods are the loop's steps, in the order they run."""
 
     def __init__(self, model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-                 adapter_metadata, settings):
+                 adapter_metadata, settings, training_adapter):
         self.model, self.trainable, self.data, self.cfg = model, trainable, data, cfg
         self.on_progress, self.specs, self.should_stop = on_progress, _as_list(previews), should_stop
         self.run_dir = None if run_dir is None else Path(run_dir)
@@ -227,6 +232,9 @@ class _Run:
         self.base_hash = getattr(model, "base_hash", "")
         network = getattr(getattr(trainable, "cfg", None), "to_dict", None)
         self.settings = settings or run_settings(cfg.to_dict(), network() if network else None, self.base_hash, "")
+        self.training_adapter: TrainingAdapter | None = training_adapter
+        if training_adapter is not None:  # a resume with another training adapter is refused
+            self.settings = training_adapter.recorded_in(self.settings)
 
     # --- setting up -------------------------------------------------------------------
 
@@ -243,6 +251,8 @@ class _Run:
         self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable.train()
+        if self.training_adapter is not None:
+            self.training_adapter.check_trainable(self.trainable)
         if cfg.scale_weight_norms > 0 and not hasattr(self.trainable, "apply_max_norm"):
             raise ValueError("scale_weight_norms needs an adapter network to rescale; set it to 0 to train this module")
         if cfg.scale_weight_norms > 0 and getattr(getattr(self.trainable, "cfg", None), "init", "") == "pissa":
@@ -304,6 +314,14 @@ class _Run:
         self.raw_optimizer = self.optimizer  # schedule-free mode switches go to the optimizer itself
         self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
         train_mode(self.raw_optimizer)
+
+    def training_adapter_merged(self) -> contextlib.AbstractContextManager:
+        """The training adapter merged into the base inside (nothing without one); restored on any exit."""
+        return contextlib.nullcontext() if self.training_adapter is None else self.training_adapter.merged()
+
+    def training_adapter_lifted(self) -> contextlib.AbstractContextManager:
+        """The plain base inside: previews show what the trained adapter does on the base it is for."""
+        return contextlib.nullcontext() if self.training_adapter is None else self.training_adapter.lifted()
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -421,7 +439,7 @@ class _Run:
         if self.specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
-            with _eval_view(self.raw_optimizer, self.params), ema_weights:
+            with _eval_view(self.raw_optimizer, self.params), ema_weights, self.training_adapter_lifted():
                 for spec in self.specs:
                     event.previews += render_previews(self.model, spec)
                     event.preview_captions += spec.captions
@@ -489,6 +507,7 @@ def train(
     resume_from: str | Path | None = None,
     adapter_metadata: dict | None = None,
     settings: dict | None = None,
+    training_adapter: TrainingAdapter | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to `cfg.steps`.
 
@@ -497,14 +516,17 @@ def train(
     on a stop and when an exception (an interrupt raised by a progress callback, say)
     ends the run. `resume_from` (a run folder or one checkpoint folder) continues a run
     exactly. `settings` (run_settings.run_settings) is what a resume is checked against;
-    without it the train and network options are. On return the trainable holds its
-    final weights (schedule-free: the eval weights).
+    without it the train and network options are; a `training_adapter` is added to them.
+    It is merged into the base for the training steps only (previews and the trainable's
+    files never see it). On return the trainable holds its final weights (schedule-free:
+    the eval weights).
     """
     run = _Run(model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-               adapter_metadata, settings)
+               adapter_metadata, settings, training_adapter)
     with signals.active_run():
         run.set_up()
         if resume_from is not None:
             run.restore()
         run.prepare()
-        return run.run()
+        with run.training_adapter_merged():
+            return run.run()

@@ -30,6 +30,9 @@ from .encoders import Encoders
 from .loop import PreviewSpec
 
 DEFAULT_GUIDANCE = 3.5  # --g when a line gives none: ComfyUI's FluxGuidance default
+# What a variant samples well with, for lines without --s / --l: Z-Image Turbo is distilled to
+# 8 steps without CFG; Base wants about 50 steps at CFG 5 (Tongyi-MAI's model cards).
+VARIANT_SAMPLING = {"zimage-turbo": {"steps": 8, "cfg": 1.0}, "zimage-base": {"steps": 50, "cfg": 5.0}}
 
 
 @dataclass
@@ -43,6 +46,11 @@ class SamplePrompt:
     guidance: float | None = None
     shift: float = 3.0
     seed: int = 0
+
+
+def sampling_defaults(variant: str, **defaults) -> SamplePrompt:
+    """Prompt defaults for a base model: its variant's steps / CFG over `defaults`."""
+    return replace(SamplePrompt(prompt="", **defaults), **VARIANT_SAMPLING.get(variant, {}))
 
 
 # option -> (field, converter)
@@ -87,11 +95,13 @@ def parse_prompts(text: str, defaults: SamplePrompt | None = None) -> list[Sampl
 
 
 def preview_specs(prompts: list[SamplePrompt], encoders: Encoders, patch: int = 2,
-                  reference_latents: tuple[torch.Tensor, ...] = ()) -> list[PreviewSpec]:
+                  reference_latents: tuple[torch.Tensor, ...] = (),
+                  text_images: list[torch.Tensor] | None = None) -> list[PreviewSpec]:
     """One PreviewSpec per prompt (sizes and seeds may differ from line to line).
 
     `patch`: latent cells per model token side, so sizes are whole tokens. `reference_latents`
-    (one-row model-space latents) are the reference images every preview of an edit model sees.
+    (one-row model-space latents) are the reference images every preview of an edit model sees;
+    `text_images` the same images as pixels, for a text encoder that reads them.
     """
     specs = []
     downscale = encoders.latent_downscale
@@ -100,9 +110,9 @@ def preview_specs(prompts: list[SamplePrompt], encoders: Encoders, patch: int = 
         if p.width % multiple or p.height % multiple:
             raise ValueError(f"sample prompt {p.prompt!r}: --w {p.width} / --h {p.height} must be multiples of {multiple}")
         guidance = DEFAULT_GUIDANCE if p.guidance is None else p.guidance
-        cond = encode_prompts(encoders, [p.prompt]).with_guidance(guidance)
+        cond = encode_prompts(encoders, [p.prompt], text_images).with_guidance(guidance)
         cond = dataclasses.replace(cond, reference_latents=reference_latents)
-        negative = encode_prompts(encoders, [p.negative]) if p.cfg != 1.0 else None
+        negative = encode_prompts(encoders, [p.negative], text_images) if p.cfg != 1.0 else None
         specs.append(
             PreviewSpec(
                 cond=cond,
@@ -120,5 +130,8 @@ def preview_specs(prompts: list[SamplePrompt], encoders: Encoders, patch: int = 
     return specs
 
 
-def encode_prompts(encoders: Encoders, prompts: list[str]) -> Conditioning:
+def encode_prompts(encoders: Encoders, prompts: list[str], images: list[torch.Tensor] | None = None) -> Conditioning:
+    """Prompts through the text encoder; `images` (the same for every prompt) for one that reads them."""
+    if images:
+        return as_conditioning(encoders.encode_text(prompts, images=[images] * len(prompts)), len(prompts))
     return as_conditioning(encoders.encode_text(prompts), len(prompts))

@@ -2,7 +2,9 @@
 
     [model]     checkpoint (a .safetensors DiT, or "embedded-demo"), dtype, attention
     [network]   NetworkConfig fields (algo, rank, alpha, use_rslora, dora_axis, ...),
-                plus continue_from = an adapter file to start from
+                plus continue_from = an adapter file to start from, and
+                training_adapter (+ training_adapter_strength) = a LoRA merged into the
+                base while training only (distilled bases; training_adapter.py)
     [data]      folder (or "embedded-demo"), DataConfig fields, mask_gamma, mask_min_weight
     [train]     TrainConfig fields, with [train.loss] and [train.timesteps] sub-tables
     [sample]    prompts (kohya line format, one per line) or prompts_file, and their defaults
@@ -44,6 +46,8 @@ class ModelSection:
 class NetworkSection:
     config: NetworkConfig = field(default_factory=NetworkConfig)
     continue_from: str = ""
+    training_adapter: str = ""  # a LoRA file merged into the base while training, never exported
+    training_adapter_strength: float = 1.0
 
 
 @dataclass
@@ -108,8 +112,11 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
     model = from_plain(ModelSection, dict(values.get("model", {})), "model")
     model.checkpoint = resolve(model.checkpoint)
     network_values = dict(values.get("network", {}))
-    continue_from = resolve(network_values.pop("continue_from", ""))
-    network = NetworkSection(from_plain(NetworkConfig, network_values, "network"), continue_from)
+    own_values = {k: network_values.pop(k) for k in ("continue_from", "training_adapter", "training_adapter_strength")
+                  if k in network_values}  # the section's own keys; the rest are NetworkConfig's
+    network = from_plain(NetworkSection, {**own_values, "config": from_plain(NetworkConfig, network_values, "network")},
+                         "network")
+    network.continue_from, network.training_adapter = resolve(network.continue_from), resolve(network.training_adapter)
     data_values = dict(values["data"])
     own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight") if k in data_values}
     data = from_plain(DataSection, {**own, "options": checked_values(DataConfig, data_values, "data")}, "data")

@@ -25,11 +25,12 @@ from .data.config import DataConfig
 from .data.files import dataset_fingerprint
 from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
-from .encoders import Encoders
+from .encoders import TEXT_ENCODER_READS_IMAGES, Encoders
 from .loop import PreviewSpec, TrainResult, resume_check, save_trained_adapter, train
 from .models.latent_formats import LatentFormat, latent_format_for
 from .models.loader import load_dit
 from .network.network import seeded_network
+from .network.training_adapter import TrainingAdapter
 from .plots import loss_curve, save_png
 from .progress import ProgressCallback
 from .prompts import SamplePrompt, parse_prompts, preview_specs
@@ -66,7 +67,7 @@ def load_model(checkpoint: str, dtype: str, attention: str) -> torch.nn.Module:
     return model
 
 
-def cache_only_encoders(cfg: RunConfig, latents: LatentFormat) -> Encoders:
+def cache_only_encoders(cfg: RunConfig, latents: LatentFormat, architecture: str) -> Encoders:
     """Encoders for a real model in the CLI: everything must come from DatasetFromFolder's caches."""
     if not cfg.data.encoder_id:
         raise ValueError(
@@ -76,7 +77,7 @@ def cache_only_encoders(cfg: RunConfig, latents: LatentFormat) -> Encoders:
         )
 
     def missing(what: str):
-        def fail(*_):
+        def fail(*_, **__):
             raise ValueError(
                 f"{what} not found in the dataset cache for encoder_id {cfg.data.encoder_id!r}; run DatasetFromFolder "
                 "once in ComfyUI with the same folder and options (caption shuffle / dropout / wildcards need the "
@@ -89,7 +90,8 @@ def cache_only_encoders(cfg: RunConfig, latents: LatentFormat) -> Encoders:
         raise ValueError("[sample] previews need the model's VAE and text encoder, which the CLI does not load; "
                          "sample in ComfyUI, or leave [sample] empty")
     return Encoders(missing("an image latent"), missing("a caption embedding"), missing("a decoder"),
-                    latents.downscale, latents.channels, cfg.data.encoder_id)
+                    latents.downscale, latents.channels, cfg.data.encoder_id,
+                    text_reads_images=architecture in TEXT_ENCODER_READS_IMAGES)
 
 
 def encoders_for(cfg: RunConfig, model: torch.nn.Module) -> Encoders:
@@ -97,7 +99,7 @@ def encoders_for(cfg: RunConfig, model: torch.nn.Module) -> Encoders:
 
     if cfg.model.checkpoint == DEMO:
         return demo_encoders()
-    return cache_only_encoders(cfg, latent_format_for(model.architecture))
+    return cache_only_encoders(cfg, latent_format_for(model.architecture), model.architecture)
 
 
 def build_previews(cfg: RunConfig, encoders: Encoders, patch: int) -> list[PreviewSpec]:
@@ -119,7 +121,7 @@ def dataset_for_run(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoders
                     patch: int) -> FolderDataset:
     data = FolderDataset.from_folder(
         folder, data_cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale,
-        encoders.encoder_id, patch,
+        encoders.encoder_id, patch, encoders.text_reads_images,
     )
     return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
 
@@ -147,6 +149,11 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
                                        cfg.data.mask_min_weight)
         settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
                                 cfg.network.continue_from or None)
+        training_adapter = None
+        if cfg.network.training_adapter:
+            training_adapter = TrainingAdapter(model, model.architecture, cfg.network.training_adapter,
+                                               cfg.network.training_adapter_strength)
+            settings = training_adapter.recorded_in(settings)
         about = {"dataset": str(folder), "base": cfg.model.checkpoint}
         if mode == "resume":
             run = _resume_run(run_dir, settings, cfg, about)
@@ -162,11 +169,12 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
         data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
-        metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id}
+        metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id,
+                    **(training_adapter.metadata() if training_adapter is not None else {})}
         result = train(
             model, network, data, cfg.train, on_progress, build_previews(cfg, encoders, model.cfg.patch_size),
             run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
-            settings=settings,
+            settings=settings, training_adapter=training_adapter,
         )
         adapter_path = ema_path = None
         if not result.stopped_early:

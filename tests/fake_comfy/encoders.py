@@ -33,10 +33,18 @@ class FakeCLIP:
             self.cond_stage_model = nn.Linear(dim, dim)
         self.calls = 0
 
-    def tokenize(self, text: str) -> list[str]:
-        return text.lower().split()
+    def tokenize(self, text: str, images: list[torch.Tensor] | None = None, llama_template: str | None = None) -> list:
+        """Words, and for each IMAGE [1, h, w, 3] (a vision-language encoder's input) one token of its
+        mean colour and size, so states depend on the image as Qwen2.5-VL's do."""
+        self.images_seen, self.template_seen = list(images or []), llama_template
+        visual = [tuple(img.float().mean((0, 1, 2)).tolist()) + (img.shape[1], img.shape[2]) for img in images or []]
+        return visual + text.lower().split()
 
-    def _vector(self, word: str) -> torch.Tensor:
+    def _vector(self, word) -> torch.Tensor:
+        if isinstance(word, tuple):  # an image token
+            vector = torch.zeros(self.dim)
+            vector[: len(word)] = torch.tensor(word, dtype=torch.float32) / torch.tensor([1, 1, 1, 1024, 1024])
+            return vector
         seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
         return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
 
@@ -54,8 +62,9 @@ class FakeCLIP:
 class FakeVAE:
     """Flux.1 / Z-Image's VAE shape by default (16 channels at 1/8); Flux.2's is 128 at 1/16."""
 
-    def __init__(self, downscale_ratio: int = 8, latent_channels: int = 16):
+    def __init__(self, downscale_ratio: int = 8, latent_channels: int = 16, frames: bool = False):
         self.downscale_ratio, self.latent_channels = downscale_ratio, latent_channels
+        self.frames = frames  # video-shaped latents [B, C, 1, h, w], as the Wan 2.1 VAE of Qwen-Image gives
         generator = torch.Generator().manual_seed(0)
         self.mix = torch.randn(self.latent_channels, 3, generator=generator)  # latent channel <- RGB
         self.offset = 0.5
@@ -65,10 +74,15 @@ class FakeVAE:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         _inside_inference_mode("VAE.encode")
         rgb = F.avg_pool2d(pixels.permute(0, 3, 1, 2).float(), self.downscale_ratio)  # [B, 3, h, w]
-        return torch.einsum("cr,brhw->bchw", self.mix, rgb) + self.offset
+        latents = torch.einsum("cr,brhw->bchw", self.mix, rgb) + self.offset
+        return latents.unsqueeze(2) if self.frames else latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         _inside_inference_mode("VAE.decode")
+        if self.frames:
+            if latents.ndim != 5:
+                raise ValueError(f"this VAE decodes [B, C, frames, h, w] latents, got {tuple(latents.shape)}")
+            latents = latents[:, :, 0]
         rgb = torch.einsum("rc,bchw->brhw", torch.linalg.pinv(self.mix), latents.float() - self.offset)
         pixels = F.interpolate(rgb, scale_factor=self.downscale_ratio, mode="nearest")
         return pixels.permute(0, 2, 3, 1).clamp(0, 1)

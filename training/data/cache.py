@@ -7,6 +7,8 @@
   for encoders that give one, its pooled vector), with
   key = sha256(format version, encoder_id, caption), plus an in-memory LRU. Shuffled,
   dropped and wildcard variants are separate strings, each encoded once on first use.
+  A text encoder that also reads the edit pair's control images (Qwen-Image-Edit, as
+  TextEncodeQwenImageEdit) gets them with the caption, and their bytes join the key.
 
 A changed image, mask, caption, encoder or bucket gives a new key, so a stale entry is
 never read. Old entries are not pruned: another dataset, or the same one under other
@@ -26,6 +28,7 @@ from ..conditioning import Conditioning, as_conditioning
 from ..encoders import TextEncoder
 from ..storage import atomic_save_safetensors, finite_or_raise, read_safetensors
 from .buckets import Placement
+from .images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,15 @@ class TextEmbeddingCache:
         self.folder = folder  # None: memory only
         self._memory: OrderedDict[str, Conditioning] = OrderedDict()
         self._memory_bytes = 0
+        self._digests: dict[Path, str] = {}
 
-    def key(self, caption: str) -> str:
-        return content_key(CACHE_FORMAT_VERSION, self.encoder_id, caption)
+    def key(self, caption: str, images: tuple[Path, ...] = ()) -> str:
+        return content_key(CACHE_FORMAT_VERSION, self.encoder_id, caption, *(self._digest(p) for p in images))
+
+    def _digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._digests[path]
 
     def _remember(self, key: str, record: Conditioning) -> None:
         if key in self._memory:
@@ -112,8 +121,7 @@ class TextEmbeddingCache:
             _, evicted = self._memory.popitem(last=False)
             self._memory_bytes -= _nbytes(evicted)
 
-    def _lookup(self, caption: str) -> Conditioning | None:
-        key = self.key(caption)
+    def _lookup(self, key: str) -> Conditioning | None:
         record = self._memory.get(key)
         if record is None and self.folder is not None:
             stored = load_tensors(self.folder / f"{key}.safetensors")
@@ -122,22 +130,30 @@ class TextEmbeddingCache:
             self._remember(key, record)
         return record
 
-    def get(self, captions: list[str]) -> list[Conditioning]:
-        """One-row records per caption; all uncached captions go to the encoder in one call."""
-        found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
-        missing = [caption for caption, record in found.items() if record is None]
+    def get(self, captions: list[str], images: list[tuple[Path, ...]] | None = None) -> list[Conditioning]:
+        """One-row records per caption (with its control images, for encoders that read them); all
+        uncached ones go to the encoder in one call."""
+        requests = list(zip(captions, images or [()] * len(captions)))
+        keys = {request: self.key(*request) for request in dict.fromkeys(requests)}
+        found = {request: self._lookup(key) for request, key in keys.items()}
+        missing = [request for request, record in found.items() if record is None]
         if missing:
-            for caption, record in zip(missing, self._encode(missing)):
-                key = self.key(caption)
+            for request, record in zip(missing, self._encode(missing)):
                 if self.folder is not None:
-                    save_tensors(self.folder / f"{key}.safetensors", _stored(record))
-                self._remember(key, record)
-                found[caption] = record
-        return [found[caption] for caption in captions]
+                    save_tensors(self.folder / f"{keys[request]}.safetensors", _stored(record))
+                self._remember(keys[request], record)
+                found[request] = record
+        return [found[request] for request in requests]
 
-    def _encode(self, captions: list[str]) -> list[Conditioning]:
+    def _encode(self, requests: list[tuple[str, tuple[Path, ...]]]) -> list[Conditioning]:
+        captions = [caption for caption, _ in requests]
         with torch.no_grad():
-            output = as_conditioning(self.encode_text(captions), len(captions))
+            if any(images for _, images in requests):
+                pixels = [[decode_image(path.read_bytes())[0] for path in images] for _, images in requests]
+                output = self.encode_text(captions, images=pixels)
+            else:
+                output = self.encode_text(captions)
+            output = as_conditioning(output, len(captions))
         # A broken text encoder (bad weights, fp16 overflow) must be named here, not surface later
         # as "non-finite losses" with advice about the learning rate.
         tensors = {"states": output.context} | ({} if output.pooled is None else {"pooled": output.pooled})

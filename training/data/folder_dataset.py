@@ -228,7 +228,7 @@ class FolderDataset:
 
     def __init__(
         self, cfg: DataConfig, folder: Path, encoded: list[_Encoded], text_cache: TextEmbeddingCache,
-        latent_downscale: int, skipped: list[tuple[Path, str]],
+        latent_downscale: int, skipped: list[tuple[Path, str]], text_reads_controls: bool = False,
     ) -> None:
         self.cfg = cfg
         self.folder = folder
@@ -242,6 +242,8 @@ class FolderDataset:
         self._latents = [e.latents for e in encoded]
         self._masks = [e.mask for e in encoded]
         self._references = [e.references for e in encoded]
+        # Control images the text encoder reads with each caption (Qwen-Image-Edit), else none.
+        self._text_controls = [e.file.controls if text_reads_controls else () for e in encoded]
         self._weights: list[torch.Tensor] | None = None  # (1, h, w) per item once weighting is on
         self._mask_gamma, self._mask_min_weight = 1.0, 0.0
         self._text = text_cache
@@ -259,11 +261,14 @@ class FolderDataset:
         latent_downscale: int,
         encoder_id: str,
         patch: int = 2,
+        text_reads_controls: bool = False,
     ) -> FolderDataset:
         """Scan `folder`, bucket and encode every usable image (or read it from the cache).
 
         `encoder_id` names the VAE and text encoder (a weights hash or a name); it is part of
-        every cache key, so a different encoder never reads another one's cache. Unreadable
+        every cache key, so a different encoder never reads another one's cache. With
+        `text_reads_controls` the text encoder gets each pair's control images with its caption
+        (Qwen-Image-Edit's encoder sees the image it edits). Unreadable
         images are skipped and listed in one warning; no usable image at all is an error.
         """
         folder = Path(folder)
@@ -309,11 +314,14 @@ class FolderDataset:
         text_cache = TextEmbeddingCache(encode_text, encoder_id, cache_dir / "text" if to_disk else None)
         # Captions that never change are encoded now, so training needs the text encoder
         # only for shuffled / dropped / wildcard variants.
-        fixed = list(dict.fromkeys(c for c in (fixed_caption(e.file.caption, cfg) for e in encoded) if c is not None))
+        fixed = list(dict.fromkeys(
+            (caption, e.file.controls if text_reads_controls else ())
+            for e in encoded if (caption := fixed_caption(e.file.caption, cfg)) is not None))
         for start in range(0, len(fixed), _TEXT_ENCODE_CHUNK):
-            text_cache.get(fixed[start : start + _TEXT_ENCODE_CHUNK])
+            chunk = fixed[start : start + _TEXT_ENCODE_CHUNK]
+            text_cache.get([caption for caption, _ in chunk], [controls for _, controls in chunk])
 
-        dataset = cls(cfg, folder, encoded, text_cache, latent_downscale, skipped)
+        dataset = cls(cfg, folder, encoded, text_cache, latent_downscale, skipped, text_reads_controls)
         log.info("dataset %s:\n%s", folder, dataset.summary())
         return dataset
 
@@ -354,7 +362,8 @@ class FolderDataset:
         captions = [process_caption(self.items[i].caption, self.cfg, caption_rng) for i in members]
         return LatentBatch(
             latents=torch.stack([self._latents[i] for i in members]),  # (B, C, h, w)
-            cond=dataclasses.replace(Conditioning.collate(self._text.get(captions)), reference_latents=tuple(
+            cond=dataclasses.replace(Conditioning.collate(self._text.get(captions, [self._text_controls[i] for i in members])),
+                                     reference_latents=tuple(
                 torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))),
             weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
         )
@@ -362,6 +371,10 @@ class FolderDataset:
     def preview_references(self) -> tuple[torch.Tensor, ...]:
         """The first edit pair's reference latents, one row each, for previews of an edit model; () without pairs."""
         return tuple(r[None] for r in self._references[0])
+
+    def preview_text_images(self) -> list[torch.Tensor]:
+        """The first pair's control images [3, H, W] for a text encoder that reads them; [] otherwise."""
+        return [decode_image(path.read_bytes())[0] for path in self._text_controls[0]]
 
     def with_mask_weights(
         self, gamma: float = 1.0, min_weight: float = 0.0, masks: list[torch.Tensor | None] | None = None

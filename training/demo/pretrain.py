@@ -12,7 +12,6 @@ branch to work with. About 15 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 

@@ -6,6 +6,7 @@ from .loader import (
     ARCHITECTURES,
     detect_architecture,
     infer_flux_config,
+    infer_qwen_config,
     infer_zimage_config,
     load_dit,
     save_dit,
@@ -14,19 +15,25 @@ from .loader import (
     to_split_layout_zimage,
     weights_hash,
 )
+from .qwen_image import QwenImageConfig, QwenImageDiT
+from .qwen_layouts import qwen_variant
 from .zimage import ZImageConfig, ZImageDiT
 
 __all__ = [
     "ARCHITECTURES",
     "FluxConfig",
     "FluxDiT",
+    "QwenImageConfig",
+    "QwenImageDiT",
     "ZImageConfig",
     "ZImageDiT",
     "detect_architecture",
     "flux_variant",
     "infer_flux_config",
+    "infer_qwen_config",
     "infer_zimage_config",
     "load_dit",
+    "qwen_variant",
     "save_dit",
     "strip_prefix",
     "to_comfy_layout_flux",

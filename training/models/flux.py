@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ...kernels.attention import attention
+from .patches import patchify, unpatchify
 
 FAMILIES = ("flux1", "flux2")
 TIME_FEATURES = 256  # sinusoidal width of the timestep and guidance embeddings
@@ -457,22 +458,12 @@ class FluxDiT(nn.Module):
     # --- tokens ---
 
     def patchify(self, latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """(B, C, H, W) -> tokens (B, gh * gw, C * p * p) ordered (c, ph, pw), and the grid gh, gw.
-
-        Odd sizes are padded circularly to the patch size, as ComfyUI's pad_to_patch_size does.
-        """
-        p = self.cfg.patch_size
-        b, c, h, w = latents.shape
-        latents = F.pad(latents, (0, (-w) % p, 0, (-h) % p), mode="circular")
-        grid_h, grid_w = latents.shape[2] // p, latents.shape[3] // p
-        tokens = latents.view(b, c, grid_h, p, grid_w, p).permute(0, 2, 4, 1, 3, 5)
-        return tokens.reshape(b, grid_h * grid_w, c * p * p), grid_h, grid_w
+        """(B, C, H, W) -> tokens (B, gh * gw, C * p * p) and the grid gh, gw (patches.py)."""
+        return patchify(latents, self.cfg.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int, h: int, w: int) -> torch.Tensor:
         """Inverse of patchify, cropped back to (B, C, h, w)."""
-        p, c = self.cfg.patch_size, self.cfg.in_channels
-        latents = tokens.view(tokens.shape[0], grid_h, grid_w, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return latents.reshape(tokens.shape[0], c, grid_h * p, grid_w * p)[:, :, :h, :w]
+        return unpatchify(tokens, (grid_h, grid_w), (h, w), self.cfg.patch_size, self.cfg.in_channels)
 
     def reference_tokens(self, references: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference latents -> tokens (B, R, C * p * p) and their positions (R, rope_axes).

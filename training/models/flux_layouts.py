@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .flux import FluxConfig
+from .shape_reader import ShapeReader
 
 Combine = Callable[[list[torch.Tensor]], torch.Tensor]
 LayoutPlan = dict[str, tuple[tuple[str, ...], Combine]]  # target key -> (source keys, combine)
@@ -46,7 +47,6 @@ FLUX1_MARKERS_DIFFUSERS = (
     "single_transformer_blocks.0.norm.linear.weight",  # SD3 shares the first two names, not this one
 )
 ARCHITECTURE_OF_FAMILY = {"flux1": "flux", "flux2": "flux2"}
-KEY_SAMPLE = 20  # keys quoted in error messages
 
 # Released checkpoints by their shape signature, checked against diffusers' configs of
 # FLUX.1-dev / -schnell (transformer/config.json), Flux2Transformer2DModel's defaults
@@ -269,31 +269,7 @@ def _block_indices(keys: Iterable[str], stack: str) -> set[int]:
     return {int(match.group(1)) for key in keys if (match := re.match(rf"^{stack}\.(\d+)\.", key))}
 
 
-class _Shapes:
-    """Shape look-ups that fail with everything seen so far and the expected signature."""
-
-    def __init__(self, state_dict: Mapping[str, torch.Tensor]):
-        self.state_dict = state_dict
-        self.seen: dict[str, Any] = {}
-
-    def error(self, problem: str) -> ValueError:
-        keys = list(self.state_dict)
-        seen = ", ".join(f"{name} {value}" for name, value in self.seen.items())
-        return ValueError(
-            f"not a loadable Flux checkpoint: {problem}. Saw {seen}; {len(keys)} keys, first "
-            f"{min(len(keys), KEY_SAMPLE)}: {keys[:KEY_SAMPLE]}. Expected {EXPECTED_SIGNATURE}."
-        )
-
-    def __call__(self, key: str, ndim: int) -> tuple[int, ...]:
-        if key not in self.state_dict:
-            raise self.error(f"'{key}' is missing")
-        shape = tuple(self.state_dict[key].shape)
-        if len(shape) != ndim:
-            raise self.error(f"'{key}' has shape {list(shape)}, expected {ndim} dimensions")
-        return shape
-
-
-def _depths(shape: _Shapes) -> tuple[int, int]:
+def _depths(shape: ShapeReader) -> tuple[int, int]:
     """(double_blocks, single_blocks) counts; blocks must be numbered without gaps."""
     counts = []
     for stack in ("double_blocks", "single_blocks"):
@@ -307,7 +283,7 @@ def _depths(shape: _Shapes) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def _mlp_width(shape: _Shapes, family: str, hidden: int, depth: int, depth_single: int) -> int:
+def _mlp_width(shape: ShapeReader, family: str, hidden: int, depth: int, depth_single: int) -> int:
     """The MLP hidden width, checked across the double- and single-stream blocks."""
     per_width = 2 if family == "flux2" else 1  # SwiGLU's first projection holds value and gate
     if depth:
@@ -346,7 +322,7 @@ def flux_config_from_shapes(
     cannot form a FluxDiT.
     """
     hints = dict(hints or {})
-    shape = _Shapes(state_dict)
+    shape = ShapeReader(state_dict, "Flux", EXPECTED_SIGNATURE)
     family = flux_family(state_dict)
     shape.seen["family"] = family
     depth, depth_single = _depths(shape)

@@ -53,6 +53,14 @@ from .flux_layouts import (
     is_flux2,
     plan_comfy_layout_flux,
 )
+from .qwen_image import QwenImageConfig, QwenImageDiT
+from .qwen_layouts import (
+    QWEN_IMAGE_MARKERS,
+    is_qwen_image,
+    plan_comfy_layout_qwen,
+    qwen_config_from_shapes,
+    qwen_variant,
+)
 from .zimage import ZImageConfig, ZImageDiT, default_axes_dims
 
 T = TypeVar("T")
@@ -191,21 +199,25 @@ def to_split_layout_zimage(state_dict: Mapping[str, torch.Tensor], patch_size: i
 _ZIMAGE_HINTS = ("axes_dims", "rope_theta", "t_scale", "patch_size", "norm_eps")
 
 
-def _metadata_hints(metadata: Mapping[str, Any] | None, names: Iterable[str], architecture: str) -> dict[str, Any]:
+def _metadata_hints(
+    metadata: Mapping[str, Any] | None, names: Iterable[str], architecture: str, text: Iterable[str] = ()
+) -> dict[str, Any]:
     """Values for `names` from metadata: top-level keys over save_dit's JSON `config`.
 
     `config` is only trusted next to a matching `architecture` entry (save_dit writes
     both): other tools use the key for unrelated data. safetensors metadata values
-    are strings, so strings are JSON-decoded.
+    are strings, so strings are JSON-decoded, except those of the `text` names, which
+    are plain words (a release name).
     """
     metadata = metadata or {}
     own_config = metadata.get("architecture") == architecture
+    text = set(text)
     hints: dict[str, Any] = {}
     for key in ("config", *names) if own_config else names:
         if key not in metadata:
             continue
         value = metadata[key]
-        if isinstance(value, str):
+        if isinstance(value, str) and key not in text:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as error:
@@ -305,6 +317,27 @@ def infer_flux_config(
     return flux_config_from_shapes(comfy, _metadata_hints(metadata, _FLUX_HINTS, architecture))
 
 
+# --- Qwen-Image config inference ---------------------------------------------
+
+# Hyper-parameters that tensor shapes cannot reveal; read from checkpoint metadata.
+_QWEN_HINTS = ("axes_dim", "theta", "patch_size", "zero_cond_t", "variant")
+
+
+def infer_qwen_config(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> QwenImageConfig:
+    """Qwen-Image / Qwen-Image-Edit hyper-parameters from tensor shapes (prefix stripped) plus metadata.
+
+    Shapes give widths and depth; `axes_dim`, `theta`, `patch_size` and `zero_cond_t`
+    come from metadata when present, else the released values. An Edit-2511 checkpoint
+    has Qwen-Image's shapes: its `zero_cond_t` comes from ComfyUI's
+    `__index_timestep_zero__` marker tensor, a `zero_cond_t` entry or a `variant` entry
+    naming the release (e.g. "qwen-image-edit-2511").
+    """
+    hints = _metadata_hints(metadata, _QWEN_HINTS, architecture="qwen_image", text=("variant",))
+    return qwen_config_from_shapes(state_dict, hints)
+
+
 # --- architecture table -----------------------------------------------------
 
 
@@ -345,6 +378,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         infer_config=infer_flux_config,
         model_class=FluxDiT,
         variant=flux_variant,
+    ),
+    "qwen_image": Architecture(
+        signature=", ".join(QWEN_IMAGE_MARKERS),
+        matches=is_qwen_image,
+        plan_layout=plan_comfy_layout_qwen,
+        infer_config=infer_qwen_config,
+        model_class=QwenImageDiT,
+        variant=qwen_variant,
     ),
 }
 

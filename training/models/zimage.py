@@ -39,6 +39,23 @@ SEQ_MULTIPLE = 32  # caption and image token counts are padded to this
 ADALN_MAX_DIM = 256  # modulation input width is min(dim, 256)
 
 
+# Turbo (8-step distilled) and Base share every shape, so the variant comes from a hint: the
+# checkpoint's `variant` metadata, else its file name (the released files say which they are).
+ZIMAGE_VARIANTS = ("zimage-turbo", "zimage-base")
+
+
+def zimage_variant(file_name: str, metadata: dict | None = None) -> str:
+    """'zimage-turbo', 'zimage-base', or 'zimage' when neither the metadata nor the name tells."""
+    hint = str((metadata or {}).get("variant", "")).lower()
+    if hint in ZIMAGE_VARIANTS:
+        return hint
+    name = file_name.lower()
+    for variant in ZIMAGE_VARIANTS:
+        if variant.split("-")[1] in name:
+            return variant
+    return "zimage"
+
+
 def default_axes_dims(head_dim: int) -> list[int]:
     """RoPE split of a head over (sequence, row, column); Z-Image's own is [32, 48, 48] for 128."""
     if head_dim == 128:

@@ -13,7 +13,9 @@ the ones ComfyUI's `model_lora_keys_unet` accepts for our architectures:
     lycoris_<path_>, lora_transformer_<path_>  LyCORIS, OneTrainer
 
 Diffusers aliases follow ComfyUI's comfy/utils.py (`z_image_to_diffusers`,
-`flux_to_diffusers`); Qwen-Image's ComfyUI names already are diffusers names. ComfyUI
+`flux_to_diffusers`); Qwen-Image's ComfyUI names already are diffusers names, which
+ComfyUI's QwenImage branch maps bare, under `transformer.` and as `lycoris_<path_>` (not
+under `base_model.model.` or `lora_transformer_`, read here all the same). ComfyUI
 builds the Flux.2 key map with the same `flux_to_diffusers` (model_base.Flux2 is a
 Flux), which since its Flux.2 support also maps diffusers' Flux.2 names: `ff.linear_in`
 / `ff.linear_out` (img_mlp.0 / .2), `attn.to_qkv_mlp_proj` / `attn.to_out` (linear1 /

@@ -74,6 +74,10 @@ ARCHITECTURES: dict[str, ArchitectureTargets] = {
         modulation=(r"double_stream_modulation_(img|txt)\.lin", r"single_stream_modulation\.lin"),
         fused_qkv=_FLUX_FUSED,
     ),
+    # Modulation (each block's img_mod.1 / txt_mod.1 adaLN) stays out by default, as musubi-tuner
+    # means it to: its `.*(_mod_).*` exclude never matches the dotted `transformer_blocks.0.img_mod.1`,
+    # so musubi's (and ai-toolkit's) files do carry these layers; config_for_file or
+    # exclude_mod=False builds a network that loads them.
     "qwen_image": ArchitectureTargets(
         targets=(
             r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",

@@ -135,6 +135,34 @@ def layer_outputs(network: LoRANetwork) -> dict[str, torch.Tensor]:
         return {a.name: a.base(torch.randn(3, a.base.in_features, generator=g)) for a in network.adapters}
 
 
+def assert_exact_in_comfyui_and_round_trips(model, network: LoRANetwork, path, key_map: dict, strength: float) -> None:
+    """Every adapted layer: ComfyUI's key map + LoRAAdapter / weight_decompose on the file at `path` (against the
+    original weights) == the engine's layer at that strength == W0 + s (W_engine - W0) (fp32, 1e-5); and the
+    file loads back into a fresh network that reproduces the layers (1e-6)."""
+    patched, not_loaded = comfy_patched_weights(checkpoint_of(model), load_file(str(path)), key_map, strength)
+    assert not not_loaded, f"ComfyUI would log 'lora key not loaded' for {not_loaded}"
+    assert sorted(patched) == sorted(f"diffusion_model.{name}.weight" for name in network.names)
+    network.set_multiplier(strength)
+    g = torch.Generator().manual_seed(5)
+    for adapter in network.adapters:
+        x = torch.randn(3, 5, adapter.base.in_features, generator=g)
+        original = adapter.original_weight()
+        interpolated = original + strength * (adapter.adapted_weight() - original)
+        with torch.no_grad():
+            engine = adapter.base(x)
+            comfy = F.linear(x, patched[f"diffusion_model.{adapter.name}.weight"], adapter.base.bias)
+        assert rel_err(comfy, engine) < 1e-5, adapter.name
+        assert rel_err(comfy, F.linear(x, interpolated, adapter.base.bias)) < 1e-5, adapter.name
+        assert rel_err(comfy, F.linear(x, original, adapter.base.bias)) > 1e-3, adapter.name  # the adapter does something
+    network.set_multiplier(1.0)
+    expected = layer_outputs(network)
+    network.detach_from_model()
+    fresh = LoRANetwork(model, network.architecture, network.cfg).attach()
+    load_adapter_into(fresh, path)
+    for name, got in layer_outputs(fresh).items():
+        assert rel_err(got, expected[name]) <= 1e-6, name
+
+
 def test_flux1_modulation_is_reported_as_skipped():
     selection = select_modules(flux_modules(), "flux", rank=4, alpha=1.0)
     assert len(selection.names) == 228
@@ -210,27 +238,5 @@ def test_flux_files_reproduce_the_engine_in_comfyui_and_round_trip(tmp_path, fam
     """Every adapted layer: ComfyUI's key map + LoRAAdapter / weight_decompose on our file (against the
     original weights) == the engine's layer at that strength == W0 + s (W_engine - W0) (fp32, 1e-5)."""
     model, network = trained_flux(family, depth=2, depth_single=2, **variant)
-    checkpoint = checkpoint_of(model)
     path = export_adapter(network, tmp_path / "flux.safetensors", style=style)
-    patched, not_loaded = comfy_patched_weights(checkpoint, load_file(str(path)), flux_key_map(model), strength)
-    assert not not_loaded, f"ComfyUI would log 'lora key not loaded' for {not_loaded}"
-    assert sorted(patched) == sorted(f"diffusion_model.{name}.weight" for name in network.names)
-    network.set_multiplier(strength)
-    g = torch.Generator().manual_seed(5)
-    for adapter in network.adapters:
-        x = torch.randn(3, 5, adapter.base.in_features, generator=g)
-        original = adapter.original_weight()
-        interpolated = original + strength * (adapter.adapted_weight() - original)
-        with torch.no_grad():
-            engine = adapter.base(x)
-            comfy = F.linear(x, patched[f"diffusion_model.{adapter.name}.weight"], adapter.base.bias)
-        assert rel_err(comfy, engine) < 1e-5, adapter.name
-        assert rel_err(comfy, F.linear(x, interpolated, adapter.base.bias)) < 1e-5, adapter.name
-        assert rel_err(comfy, F.linear(x, original, adapter.base.bias)) > 1e-3, adapter.name  # the adapter does something
-    network.set_multiplier(1.0)
-    expected = layer_outputs(network)
-    network.detach_from_model()
-    fresh = LoRANetwork(model, network.architecture, network.cfg).attach()
-    load_adapter_into(fresh, path)
-    for name, got in layer_outputs(fresh).items():
-        assert rel_err(got, expected[name]) <= 1e-6, name
+    assert_exact_in_comfyui_and_round_trips(model, network, path, flux_key_map(model), strength)

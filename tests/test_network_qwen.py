@@ -38,7 +38,7 @@ from dit_trainer.training.network.network import LoRANetwork, NetworkConfig
 from dit_trainer.training.network.targets import module_kinds, select_modules
 from test_adapter_math import VARIANTS, randomise_adapters
 from test_adapter_math import one_cpu_thread  # noqa: F401  (pytest fixture, used by name)
-from test_network_flux_names import checkpoint_of, layer_outputs
+from test_network_flux_names import assert_exact_in_comfyui_and_round_trips, checkpoint_of
 from test_network_io import option_id, rel_err
 from test_network_selection import qwen_image_modules
 
@@ -154,28 +154,7 @@ def test_files_reproduce_the_engine_in_comfyui_and_round_trip(tmp_path, exclude_
     exclude_mod=False also adapts the modulation and the layers outside the blocks."""
     model, network = trained_qwen(**with_options(variant, exclude_mod))
     path = export_adapter(network, tmp_path / "qwen.safetensors", style=style)
-    patched, not_loaded = comfy_patched_weights(checkpoint_of(model), load_file(str(path)), qwen_key_map(model), strength)
-    assert not not_loaded, f"ComfyUI would log 'lora key not loaded' for {not_loaded}"
-    assert sorted(patched) == sorted(f"diffusion_model.{name}.weight" for name in network.names)
-    network.set_multiplier(strength)
-    g = torch.Generator().manual_seed(5)
-    for adapter in network.adapters:
-        x = torch.randn(3, 5, adapter.base.in_features, generator=g)
-        original = adapter.original_weight()
-        interpolated = original + strength * (adapter.adapted_weight() - original)
-        with torch.no_grad():
-            engine = adapter.base(x)
-            comfy = F.linear(x, patched[f"diffusion_model.{adapter.name}.weight"], adapter.base.bias)
-        assert rel_err(comfy, engine) < 1e-5, adapter.name
-        assert rel_err(comfy, F.linear(x, interpolated, adapter.base.bias)) < 1e-5, adapter.name
-        assert rel_err(comfy, F.linear(x, original, adapter.base.bias)) > 1e-3, adapter.name  # the adapter does something
-    network.set_multiplier(1.0)
-    expected = layer_outputs(network)
-    network.detach_from_model()
-    fresh = LoRANetwork(model, network.architecture, network.cfg).attach()
-    load_adapter_into(fresh, path)
-    for name, got in layer_outputs(fresh).items():
-        assert rel_err(got, expected[name]) <= 1e-6, name
+    assert_exact_in_comfyui_and_round_trips(model, network, path, qwen_key_map(model), strength)
 
 
 PEFT_VARIANTS = [dict(algo="lora"), dict(algo="lora", use_rslora=True, alpha=4.0), dict(algo="dora", dora_axis="output")]

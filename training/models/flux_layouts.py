@@ -265,6 +265,16 @@ def default_axes_dim(family: str, head_dim: int) -> list[int] | None:
     return [first, spatial, spatial] if first > 0 and first % 2 == 0 else None
 
 
+def hinted_axes_dim(shape: ShapeReader, hints: Mapping[str, Any], family: str, head_dim: int) -> list[int]:
+    """The RoPE split from the metadata hints, else the released one scaled to head_dim; checked."""
+    axes_dim = hints.get("axes_dim", default_axes_dim(family, head_dim))
+    if axes_dim is None:
+        raise shape.error(f"no default RoPE split for head_dim {head_dim}; give 'axes_dim' in the metadata")
+    if not isinstance(axes_dim, list) or not all(isinstance(size, int) for size in axes_dim):
+        raise shape.error(f"metadata 'axes_dim' = {axes_dim!r} is not a list of integers")
+    return axes_dim
+
+
 def _block_indices(keys: Iterable[str], stack: str) -> set[int]:
     return {int(match.group(1)) for key in keys if (match := re.match(rf"^{stack}\.(\d+)\.", key))}
 
@@ -346,11 +356,7 @@ def flux_config_from_shapes(
     vec_in_dim = shape("vector_in.in_layer.weight", 2)[1] if "vector_in.in_layer.weight" in state_dict else 0
     if family == "flux1" and not vec_in_dim:
         raise shape.error("a Flux.1 checkpoint without vector_in.in_layer.weight (the CLIP-L pooled-vector input)")
-    axes_dim = hints.get("axes_dim", default_axes_dim(family, head_dim))
-    if axes_dim is None:
-        raise shape.error(f"no default RoPE split for head_dim {head_dim}; give 'axes_dim' in the metadata")
-    if not isinstance(axes_dim, list) or not all(isinstance(size, int) for size in axes_dim):
-        raise shape.error(f"metadata 'axes_dim' = {axes_dim!r} is not a list of integers")
+    axes_dim = hinted_axes_dim(shape, hints, family, head_dim)
     # Flux.1's qkv_bias switches the double blocks' qkv bias only (ComfyUI's FluxParams).
     qkv_bias = family == "flux1" and (not depth or "double_blocks.0.img_attn.qkv.bias" in state_dict)
     try:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .flux_layouts import LayoutPlan, as_stored, default_axes_dim
+from .flux_layouts import LayoutPlan, as_stored, hinted_axes_dim
 from .qwen_image import MLP_RATIO, QwenImageConfig
 from .shape_reader import ShapeReader
 
@@ -177,11 +177,7 @@ def qwen_config_from_shapes(
             f"(in_channels x patch_size^2, patch_size {patch_size}); a model with extra input channels is not "
             "supported, and a different patch size needs the 'patch_size' metadata"
         )
-    axes_dim = hints.get("axes_dim", default_axes_dim("flux1", head_dim))  # Flux.1's split: [16, 56, 56] at 128
-    if axes_dim is None:
-        raise shape.error(f"no default RoPE split for head_dim {head_dim}; give 'axes_dim' in the metadata")
-    if not isinstance(axes_dim, list) or not all(isinstance(size, int) for size in axes_dim):
-        raise shape.error(f"metadata 'axes_dim' = {axes_dim!r} is not a list of integers")
+    axes_dim = hinted_axes_dim(shape, hints, "flux1", head_dim)  # Flux.1's split: [16, 56, 56] at 128
     zero_cond_t = _zero_cond_t(state_dict, hints)
     try:
         return QwenImageConfig(

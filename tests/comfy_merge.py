@@ -13,7 +13,14 @@
   `transformer.<path>` and `lycoris_<path_>` (0.3.64; neither `base_model.model.` nor
   `lora_transformer_`).
 * `comfy_lora_patches`: comfy/lora.py `load_lora` + `LoRAAdapter.load` (the up / down
-  key names it tries, in order; `alpha`, `dora_scale`), reporting keys not loaded.
+  key names it tries, in order; `alpha`, `dora_scale`), then `LoHaAdapter.load` and
+  `LoKrAdapter.load` (comfy/weight_adapter/loha.py, lokr.py: `hada_*` / `lokr_*` keys),
+  reporting keys not loaded.
+* LoHa / LoKr `calculate_weight`: LoHa dW = (w1_a @ w1_b) * (w2_a @ w2_b) (Tucker: each
+  factor rebuilt by einsum with hada_t1 / hada_t2), scale alpha / w1_b.shape[0]; LoKr
+  dW = kron(w1, w2) with w1 = w1_a @ w1_b and w2 = w2_a @ w2_b (Tucker: lokr_t2) where not
+  given whole, w1 unsqueezed to 4-D when w2 is, and scale alpha / rank only where a
+  factor is decomposed (the rank of the last decomposed one), 1 otherwise.
 * `comfy_merge` / `comfy_patched_weights`: `LoRAAdapter.calculate_weight` +
   `weight_decompose`, as quoted in the ComfyUI notes ("DoRA at load"): the base weight
   is copied to float32, each patch applied in order (on `weight.narrow` for a slice),
@@ -195,28 +202,79 @@ def comfy_key_map(model_keys, zimage: dict | None = None, flux: dict | None = No
     return key_map
 
 
+def _lora_diff(tensors: dict, x: str, alpha: float | None):
+    """LoRAAdapter: (diff, scale, keys read) or None."""
+    for up_name, down_name in _UP_DOWN_NAMES:
+        up_key, down_key = up_name.format(x), down_name.format(x)
+        if up_key in tensors:
+            mat1 = tensors[up_key].float()  # up   [out, r]
+            mat2 = tensors[down_key].float()  # down [r, in]
+            diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1))
+            return diff, (alpha / mat2.shape[0] if alpha is not None else 1.0), [up_key, down_key]
+    return None
+
+
+def _loha_diff(tensors: dict, x: str, alpha: float | None):
+    """LoHaAdapter: (diff, scale, keys read) or None."""
+    names = [f"{x}.hada_w1_a", f"{x}.hada_w1_b", f"{x}.hada_w2_a", f"{x}.hada_w2_b"]
+    if names[0] not in tensors:
+        return None
+    w1a, w1b, w2a, w2b = (tensors[n].float() for n in names)
+    scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+    if f"{x}.hada_t1" in tensors:
+        t1, t2 = tensors[f"{x}.hada_t1"].float(), tensors[f"{x}.hada_t2"].float()
+        m1 = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
+        m2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a)
+        return m1 * m2, scale, names + [f"{x}.hada_t1", f"{x}.hada_t2"]
+    return torch.mm(w1a, w1b) * torch.mm(w2a, w2b), scale, names
+
+
+def _lokr_diff(tensors: dict, x: str, alpha: float | None):
+    """LoKrAdapter: (diff, scale, keys read) or None."""
+    names = {n: f"{x}.lokr_{n}" for n in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")}
+    got = {n: tensors[k].float() for n, k in names.items() if k in tensors}
+    if not any(n in got for n in ("w1", "w2", "w1_a", "w2_a")):
+        return None
+    dim = None
+    w1 = got.get("w1")
+    if w1 is None:
+        dim = got["w1_b"].shape[0]
+        w1 = torch.mm(got["w1_a"], got["w1_b"])
+    w2 = got.get("w2")
+    if w2 is None:
+        dim = got["w2_b"].shape[0]
+        if "t2" in got:
+            w2 = torch.einsum("i j k l, j r, i p -> p r k l", got["t2"], got["w2_b"], got["w2_a"])
+        else:
+            w2 = torch.mm(got["w2_a"], got["w2_b"])
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return torch.kron(w1, w2), scale, [names[n] for n in got]
+
+
 def comfy_lora_patches(tensors: dict[str, torch.Tensor], key_map: dict) -> tuple[list, list[str]]:
-    """[(target, up, down, alpha | None, dora_scale | None)] in key-map order, and the keys not loaded."""
+    """[(target, diff, scale, dora_scale | None)] in key-map order, and the keys not loaded.
+
+    diff is the adapter's weight change at scale 1 (before the reshape to the weight),
+    scale ComfyUI's alpha / rank (1 where it reads none)."""
     patches, loaded = [], set()
     for x, to in key_map.items():
-        for up_name, down_name in _UP_DOWN_NAMES:
-            up_key, down_key = up_name.format(x), down_name.format(x)
-            if up_key in tensors:
-                alpha_key, dora_key = f"{x}.alpha", f"{x}.dora_scale"
-                alpha = tensors[alpha_key].item() if alpha_key in tensors else None
-                dora_scale = tensors.get(dora_key)
-                loaded.update(k for k in (up_key, down_key, alpha_key, dora_key) if k in tensors)
-                patches.append((to, tensors[up_key], tensors[down_key], alpha, dora_scale))
+        alpha_key, dora_key = f"{x}.alpha", f"{x}.dora_scale"
+        alpha = tensors[alpha_key].item() if alpha_key in tensors else None
+        for adapter in (_lora_diff, _loha_diff, _lokr_diff):  # comfy.weight_adapter.adapters order
+            found = adapter(tensors, x, alpha)
+            if found is not None:
+                diff, scale, keys = found
+                loaded.update(k for k in (*keys, alpha_key, dora_key) if k in tensors)
+                patches.append((to, diff, scale, tensors.get(dora_key)))
                 break
     return patches, sorted(set(tensors) - loaded)
 
 
-def _apply(weight: torch.Tensor, up, down, alpha, dora_scale, strength: float) -> torch.Tensor:
-    """LoRAAdapter.calculate_weight on one (float32) weight; returns the patched weight."""
-    mat1 = up.float()  # up   [out, r]
-    mat2 = down.float()  # down [r, in]
-    alpha = alpha / mat2.shape[0] if alpha is not None else 1.0
-    lora_diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
+def _apply(weight: torch.Tensor, diff: torch.Tensor, alpha: float, dora_scale, strength: float) -> torch.Tensor:
+    """`calculate_weight` on one (float32) weight, from the adapter's diff and scale; returns the patched weight."""
+    lora_diff = diff.reshape(weight.shape)
     if dora_scale is None:
         return weight + (strength * alpha) * lora_diff
     # weight_decompose(dora_scale, weight, lora_diff, alpha, strength, intermediate_dtype, function)
@@ -246,25 +304,21 @@ def comfy_patched_weights(model_weights: dict[str, torch.Tensor], tensors: dict[
     """Float32 weights after ComfyUI applies the LoRA file `tensors` (only the patched keys), and keys not loaded."""
     patches, not_loaded = comfy_lora_patches(tensors, key_map)
     patched: dict[str, torch.Tensor] = {}
-    for to, up, down, alpha, dora_scale in patches:
+    for to, diff, alpha, dora_scale in patches:
         key, offset = (to, None) if isinstance(to, str) else to
         weight = patched.get(key)
         if weight is None:
             weight = model_weights[key].float().clone()
             patched[key] = weight
         view = weight if offset is None else weight.narrow(*offset)
-        view.copy_(_apply(view.clone(), up, down, alpha, dora_scale, strength))
+        view.copy_(_apply(view.clone(), diff, alpha, dora_scale, strength))
     return patched, not_loaded
 
 
 def comfy_merge(weight: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str, strength: float) -> torch.Tensor:
     """Merged float32 weight for module key `prefix` (e.g. 'diffusion_model.layers.0.attention.qkv')."""
-    alpha_key = f"{prefix}.alpha"
-    return _apply(
-        weight.float().clone(),
-        tensors[f"{prefix}.lora_B.weight"],
-        tensors[f"{prefix}.lora_A.weight"],
-        tensors[alpha_key].item() if alpha_key in tensors else None,
-        tensors.get(f"{prefix}.dora_scale"),
-        strength,
-    )
+    patches, _ = comfy_lora_patches(tensors, {prefix: prefix})
+    if not patches:
+        raise KeyError(f"no LoRA / LoHa / LoKr keys for {prefix}")
+    _, diff, alpha, dora_scale = patches[0]
+    return _apply(weight.float().clone(), diff, alpha, dora_scale, strength)

@@ -33,7 +33,7 @@ def check_probability(name: str, option: str, value: float) -> None:
 
 
 class AdapterModule(nn.Module, ABC):
-    """Base of the Linear and Conv adapters. Subclasses define `forward` and `export_factors`."""
+    """Base of the LoRA, LoHa and LoKr adapters. Subclasses define `forward` and `delta_weight`."""
 
     def __init__(
         self,
@@ -70,14 +70,9 @@ class AdapterModule(nn.Module, ABC):
     def scale(self) -> float:
         return lora_scale(self.rank, self.alpha, self.use_rslora)
 
-    @property
-    def export_rank(self) -> int:
-        """Rank of the factors in exported files (ComfyUI's alpha / rank uses it)."""
-        return self.export_factors()[0].shape[0]
-
     @abstractmethod
-    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up), detached fp32, with scale * up @ down the weight change at multiplier 1."""
+    def delta_weight(self) -> torch.Tensor:
+        """Merged weight change against the original base weight at multiplier 1 (fp32)."""
 
     def skips_this_forward(self) -> bool:
         """Module dropout: skip the whole adapter with probability module_dropout (train mode)."""

@@ -13,6 +13,10 @@ peft   transformer.<diffusers path>.lora_A.weight / .lora_B.weight
        one (final_layer.adaLN_modulation.1, Flux.2's shared modulation and time /
        guidance embedders) is refused, naming the styles that do load.
 
+LoHa / LoKr (comfy and kohya styles): <key>.hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b,
+or <key>.lokr_w1 with lokr_w2 or lokr_w2_a / lokr_w2_b, and <key>.alpha, the tensors
+ComfyUI's LoHaAdapter / LoKrAdapter read. PEFT has no such adapters: refused.
+
 alpha: ComfyUI's scale is alpha / rank with rank = lora_A.shape[0], so the stored
 alpha is scale * export rank. RS-LoRA (alpha / sqrt(r)) is thus stored as
 alpha * sqrt(r), and every plain alpha / r reader applies the training scale; the
@@ -37,7 +41,8 @@ import torch
 from .importer import shown
 from .key_names import COMFY_PREFIX, KOHYA_PREFIX, PEFT_PREFIX, peft_aliases
 from .lora import DORA_EPS
-from .network import LoRANetwork
+from .network import PRODUCT_ALGOS, LoRANetwork
+from .product_base import ProductAdapter
 from ..storage import atomic_save_safetensors, finite_or_raise
 
 EXPORT_STYLES = ("comfy", "kohya", "peft")
@@ -58,6 +63,11 @@ def _comfy_or_kohya(network: LoRANetwork, style: str, dtype: torch.dtype) -> dic
             key, down_suffix, up_suffix = COMFY_PREFIX + adapter.name, ".lora_A.weight", ".lora_B.weight"
         else:
             key, down_suffix, up_suffix = KOHYA_PREFIX + adapter.name.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
+        if isinstance(adapter, ProductAdapter):
+            for suffix, tensor in adapter.file_tensors().items():
+                tensors[f"{key}.{suffix}"] = tensor.to(dtype).contiguous()
+            tensors[key + ".alpha"] = torch.tensor(adapter.export_alpha(), dtype=torch.float32)
+            continue
         down, up = adapter.export_factors()
         tensors[key + down_suffix] = down.to(dtype).contiguous()
         tensors[key + up_suffix] = up.to(dtype).contiguous()
@@ -120,6 +130,11 @@ def adapter_state_dict(
     if style not in EXPORT_STYLES:
         raise ValueError(f"export style {style!r} is not one of {EXPORT_STYLES}")
     if style == "peft":
+        if network.cfg.algo in PRODUCT_ALGOS:
+            raise ValueError(
+                f"style 'peft': PEFT / diffusers have no {network.cfg.algo} adapter that ComfyUI reads from a peft "
+                "file; export with style='comfy' or 'kohya' (ComfyUI loads both)"
+            )
         return _peft(network, dtype)
     return _comfy_or_kohya(network, style, dtype)
 
@@ -143,6 +158,7 @@ def adapter_metadata(
                 "conv_alpha": cfg.conv_alpha,
                 "split_qkv": cfg.split_qkv,
                 "init": cfg.init,
+                **({"factor": cfg.lokr_factor, "full_matrix": cfg.lokr_full_matrix} if cfg.algo == "lokr" else {}),
             }
         ),
         "ss_base_model_hash": base_hash,

@@ -35,6 +35,7 @@ from ...kernels.dora import dora_weight_norm
 from .key_names import (
     COMFY_PREFIX,
     MANGLED_STYLE,
+    PRODUCT_ROLES,
     TEXT_ENCODER_PREFIXES,
     Alias,
     diffusers_aliases,
@@ -43,7 +44,8 @@ from .key_names import (
     split_key,
 )
 from .lora import DORA_EPS, weight_scale_of
-from .network import LoRANetwork
+from .network import PRODUCT_ALGOS, LoRANetwork
+from .product_import import load_products, product_of
 from ..storage import NonFiniteError, finite_or_raise, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class _Piece:
     alpha: float | None = None
     dora_scale: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None  # PEFT lora_magnitude_vector (output axis, relative to ||V||)
+    product: dict[str, torch.Tensor] = field(default_factory=dict)  # LoHa / LoKr tensors by key_names.PRODUCT_ROLES
     keys: list[str] = field(default_factory=list)
 
     @property
@@ -139,12 +142,14 @@ def group_file(path: str, tensors: dict[str, torch.Tensor], table: dict):
         name, alias, style = entry
         styles.add(style)
         piece = pieces[name].setdefault(alias, _Piece())
-        if getattr(piece, role) is not None:
+        if (piece.product.get(role) if role in PRODUCT_ROLES else getattr(piece, role)) is not None:
             earlier = next(k for k in piece.keys if split_key(k)[1] == role)
             raise ValueError(f"{path}: {key} and {earlier} name the same tensor of {name}; keep one of them")
         piece.keys.append(key)
         if role == "alpha":
             piece.alpha = float(tensor.float().item())
+        elif role in PRODUCT_ROLES:
+            piece.product[role] = tensor.float()
         else:
             setattr(piece, role, tensor.float())
     return pieces, sorted(styles), ignored, sorted(unknown)
@@ -378,6 +383,34 @@ def _magnitude_for(path: str, adapter, item: _Assembled, down: torch.Tensor, up:
     return values
 
 
+def _load_products(path, network, adapters, products, pieces, styles, ignored, meta) -> ImportReport:
+    """A LoHa / LoKr file into a LoHa / LoKr network (product_import.py); anything else is refused."""
+    algo = network.cfg.algo
+    if not products:
+        raise ValueError(f"{path}: the network is {algo} but the file has LoRA keys (or none); build it with algo='lora'")
+    if algo not in PRODUCT_ALGOS or len(products) < len(pieces):
+        kinds = sorted({item.algo for item in products.values()})
+        raise ValueError(
+            f"{path} holds {'/'.join(kinds)} adapters"
+            + (" beside LoRA ones" if len(products) < len(pieces) else "")
+            + f" but the network is {algo}; build it with algo={kinds[0]!r} (SampleWithLoRA and BuildLoRANetwork's "
+            "continue_from shape it from the file)"
+        )
+    report = ImportReport(path, styles, [], [], [], [], [], ignored, meta)
+    report.rescaled = load_products(path, adapters, products)
+    report.loaded = list(products)
+    report.not_in_file = [name for name in network.names if name not in products]
+    if report.not_in_file:
+        report.warnings.append(
+            f"{path}: {len(report.not_in_file)} adapted modules are not in the file and keep their initial values "
+            f"({shown(report.not_in_file)})"
+        )
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    log.info("loaded %d %s modules from %s (%s)", len(report.loaded), algo, path, ", ".join(styles))
+    return report
+
+
 @torch.no_grad()
 def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportReport:
     """Load a LoRA / DoRA file of any supported key style into `network`; see the module docstring."""
@@ -394,8 +427,12 @@ def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportRe
         raise ValueError(
             f"{path}: {len(unknown)} keys match no layer this {network.architecture} network adapts "
             f"({shown(unknown)}). If they are LoRA layers of the model, add them with include_patterns "
-            "(or exclude_mod=False / train_refiners=True); LoHa / LoKr / full-diff keys are not LoRA and cannot be loaded"
+            "(or exclude_mod=False / train_refiners=True); full-diff keys are not adapters and cannot be loaded"
         )
+    products = {name: product_of(path, name, parts) for name, parts in pieces.items()}
+    products = {name: item for name, item in products.items() if item is not None}
+    if products or network.cfg.algo in PRODUCT_ALGOS:
+        return _load_products(path, network, adapters, products, pieces, styles, ignored, meta)
     assembled = {
         name: assemble(path, name, parts, adapters[name].base.weight.shape[0]) for name, parts in pieces.items()
     }

@@ -64,6 +64,11 @@ SUFFIX_ROLES = (
     (".dora_scale", "dora_scale"),
     (".alpha", "alpha"),
 )
+# LoHa / LoKr tensors (LyCORIS names, which ComfyUI reads): the role is the name itself.
+PRODUCT_ROLES = (
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ def split_key(key: str) -> tuple[str, str] | None:
     for suffix, role in SUFFIX_ROLES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
-    return None
+    module, _, role = key.rpartition(".")
+    return (module, role) if module and role in PRODUCT_ROLES else None
 
 
 def _slices(names: list[str], sizes: list[int]) -> list[Alias]:

@@ -181,7 +181,13 @@ class LoRAModule(AdapterModule):
             row += rows
         return fused
 
+    @property
+    def export_rank(self) -> int:
+        """Rank of the factors in exported files (ComfyUI's alpha / rank uses it)."""
+        return self.export_factors()[0].shape[0]
+
     def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up), detached fp32, with scale * up @ down the weight change at multiplier 1."""
         down, up = self.lora_A.detach().float(), self.fused_B()
         if self.init == "pissa":
             # PEFT's PiSSA -> LoRA conversion: the change against the ORIGINAL W0 is

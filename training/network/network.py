@@ -8,6 +8,15 @@ regex fullmatch on ComfyUI's dotted module names; per-layer rank / alpha from
 DoRA is applied to Linear layers only and is switched to plain LoRA, with one logged
 line per reason, where it cannot be computed as a re-normalised weight: Conv layers,
 network dropout, rank dropout and split q/k/v slices.
+
+LoHa / LoKr (loha.py, lokr.py) adapt Linear and Conv layers alike. What is LoRA's alone
+is refused with the reason: LoRA+ (it raises the lr of LoRA's up matrix B, which a
+Hadamard or Kronecker product does not have), network dropout, split q/k/v slices,
+orthogonal / PiSSA init and max-norm rescaling.
+
+Per-module learning rates (`lr_pattern`, regex -> multiplier, first fullmatch wins as
+in `rank_pattern`): each parameter group holds the modules of one multiplier, named
+"<group> x<multiplier>" (plain "<group>" at 1); LoRA+ multiplies on top for B.
 """
 
 from __future__ import annotations
@@ -22,19 +31,36 @@ import torch.nn as nn
 
 from ..options import from_plain
 from .conv_lora import LoRAConvModule
-from .lora import ALGOS, DORA_AXES, INITS, LoRAModule
-from .targets import Selection, module_kinds, select_modules, split_dims
+from .loha import LoHaModule
+from .lokr import LoKrModule
+from .lora import ALGOS as LORA_ALGOS
+from .lora import DORA_AXES, INITS, LoRAModule
+from .product_base import ProductAdapter
+from .targets import Selection, first_match, module_kinds, select_modules, split_dims, value_patterns
 
 log = logging.getLogger(__name__)
 
-PARAM_GROUP_NAMES = ("lora_A", "lora_B", "magnitude")
+PRODUCT_ALGOS = ("loha", "lokr")
+ALGOS = (*LORA_ALGOS, *PRODUCT_ALGOS)
+# "factors": every parameter of a LoHa / LoKr adapter (they have no A / B roles).
+PARAM_GROUP_NAMES = ("lora_A", "lora_B", "magnitude", "factors")
+
+
+def _adapter_params(adapter: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The adapter's parameters by optimizer group name."""
+    if isinstance(adapter, ProductAdapter):
+        return {"factors": list(adapter.parameters())}
+    roles = {"lora_A": [adapter.lora_A], "lora_B": [adapter.lora_B]}
+    if adapter.magnitude is not None:
+        roles["magnitude"] = [adapter.magnitude]
+    return roles
 
 
 @dataclass
 class NetworkConfig:
     """Adapter options; saved with every adapter file and checkpoint."""
 
-    algo: str = "lora"  # lora | dora
+    algo: str = "lora"  # lora | dora | loha | lokr
     rank: int = 16  # network_dim
     alpha: float = 1.0  # network_alpha; scale alpha / rank (not alpha = rank)
     use_rslora: bool = False  # scale alpha / sqrt(rank); alpha 0 means sqrt(rank)
@@ -53,6 +79,9 @@ class NetworkConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first fullmatch wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first fullmatch wins
     split_qkv: bool = False  # separate LoRA per q / k / v slice of fused projections (kohya)
+    lokr_factor: int = -1  # LoKr: size of the small Kronecker factor (LyCORIS factor; -1 = most balanced split)
+    lokr_full_matrix: bool = False  # LoKr: train w2 as a full matrix even where the rank would decompose it
+    lr_pattern: dict[str, float] = field(default_factory=dict)  # regex -> lr multiplier, first fullmatch wins
     verbose: bool = False  # log every adapted layer with rank and alpha, and the skipped ones
 
     def __post_init__(self) -> None:
@@ -66,6 +95,30 @@ class NetworkConfig:
             raise ValueError(f"rank must be >= 1 and conv_dim >= 0 (got rank={self.rank}, conv_dim={self.conv_dim})")
         if self.loraplus_lr_ratio < 0:
             raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio} must be >= 0 (0 or 1 turns LoRA+ off)")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor={self.lokr_factor} must be -1 (most balanced split) or a positive integer")
+        for pattern, multiplier in value_patterns(self.lr_pattern, "lr_pattern"):
+            if not math.isfinite(multiplier):
+                raise ValueError(f"lr_pattern {pattern.pattern!r}: multiplier {multiplier} must be a finite number")
+        if self.algo in PRODUCT_ALGOS:
+            self._check_product_options()
+
+    def _check_product_options(self) -> None:
+        """Refuse the options that only mean something for LoRA's two factors, with the reason."""
+        refused = [
+            (self.loraplus_lr_ratio not in (0.0, 1.0), "loraplus_lr_ratio",
+             "LoRA+ raises the lr of LoRA's up matrix B, which a Hadamard / Kronecker product has no counterpart of; "
+             "set loraplus_lr_ratio to 0 (lr_pattern sets per-module rates)"),
+            (bool(self.dropout), "dropout",
+             "network dropout acts on LoRA's rank-space activations A x, which LoHa / LoKr do not have (LyCORIS does "
+             "not implement it either); use rank_dropout or module_dropout"),
+            (self.split_qkv, "split_qkv", "q / k / v slices are LoRA-only; set split_qkv to false"),
+            (self.init != "kaiming", f"init={self.init!r}",
+             "LoHa / LoKr use LyCORIS's init (an exact no-op); set init to 'kaiming'"),
+        ]
+        for applies, option, reason in refused:
+            if applies:
+                raise ValueError(f"algo {self.algo!r} cannot use {option}: {reason}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +191,7 @@ class LoRANetwork(nn.Module):
         self.skipped = selection.skipped
         for reason, names in dora_off.items():
             log.warning("DoRA disabled on %d modules (plain LoRA there): %s", len(names), reason)
+        self.lr_multipliers = self._lr_multipliers()
         log.info(
             "adapter network: %d modules (%s), rank %d, alpha %g%s",
             len(self.names),
@@ -159,6 +213,12 @@ class LoRANetwork(nn.Module):
             rank_dropout=cfg.rank_dropout,
             module_dropout=cfg.module_dropout,
         )
+        if cfg.algo == "loha":
+            return LoHaModule(name, module, rank, alpha, cfg.use_rslora, cfg.dropout, cfg.rank_dropout,
+                              cfg.module_dropout)
+        if cfg.algo == "lokr":
+            return LoKrModule(name, module, rank, alpha, cfg.use_rslora, cfg.dropout, cfg.rank_dropout,
+                              cfg.module_dropout, factor=cfg.lokr_factor, full_matrix=cfg.lokr_full_matrix)
         if not isinstance(module, nn.Linear):
             if cfg.algo == "dora":
                 dora_off["Conv layer (DoRA is Linear-only)"].append(name)
@@ -181,17 +241,39 @@ class LoRANetwork(nn.Module):
                 algo = "lora"
         return LoRAModule(name, module, rank, alpha, algo=algo, dora_axis=cfg.dora_axis, split_dims=split, **common)
 
+    def _lr_multipliers(self) -> dict[str, float]:
+        """Each adapted module's lr multiplier from lr_pattern (first fullmatch; 1 where none matches)."""
+        patterns = value_patterns(self.cfg.lr_pattern, "lr_pattern")
+        multipliers = {}
+        for name in self.names:
+            found = first_match(patterns, name)
+            multipliers[name] = 1.0 if found is None else found
+        return multipliers
+
     def describe(self) -> list[str]:
-        """One line per adapted layer (kind, rank, alpha, algo) and per skipped layer (reason)."""
+        """One line per adapted layer (kind, rank, alpha, algo, lr multiplier) and per skipped layer (reason)."""
         lines = []
         for adapter in self.adapters:
             extra = f", split {adapter.split_dims}" if adapter.split_dims else ""
-            algo = f"dora ({adapter.dora_axis} axis)" if adapter.algo == "dora" else "lora"
+            if adapter.algo == "lokr":
+                extra += f", w1 {tuple(adapter.lokr_w1.shape)}, w2 {'full' if adapter.full_w2 else 'decomposed'}"
+            multiplier = self.lr_multipliers[adapter.name]
+            extra += f", lr x{multiplier:g}" if multiplier != 1.0 else ""
+            algo = f"dora ({adapter.dora_axis} axis)" if adapter.algo == "dora" else adapter.algo
             lines.append(
                 f"adapted {adapter.name}: {adapter.kind}, rank {adapter.rank}, alpha {adapter.alpha:g}, {algo}{extra}"
             )
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         return lines
+
+    def module_lrs(self, lr: float) -> dict[str, dict[str, float]]:
+        """The effective lr of each module's parameter groups at base lr `lr` (lr_pattern and LoRA+ applied)."""
+        return {
+            adapter.name: {
+                group: self._group_lr(lr, group, self.lr_multipliers[adapter.name]) for group in _adapter_params(adapter)
+            }
+            for adapter in self.adapters
+        }
 
     def by_name(self) -> dict[str, nn.Module]:
         return dict(zip(self.names, self.adapters))
@@ -214,25 +296,35 @@ class LoRANetwork(nn.Module):
             adapter.enabled = enabled
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer parameter groups: lora_A, lora_B (at lr * loraplus_lr_ratio) and magnitude.
+        """Optimizer parameter groups: lora_A, lora_B (at lr * loraplus_lr_ratio), magnitude, and the
+        LoHa / LoKr factors, each split by lr_pattern multiplier ("lora_B x0.5": the modules at lr * 0.5).
 
         LoRA+ (Hayou et al. 2024, kohya's loraplus_lr_ratio): only the B ("up")
         matrices get the higher rate; A and the DoRA magnitudes keep the base lr.
-        Empty groups are left out.
+        Empty groups are left out; with verbose, every module's effective lr is logged.
         """
-        ratio = self.cfg.loraplus_lr_ratio if self.cfg.loraplus_lr_ratio > 0 else 1.0
-        lrs = {"lora_A": lr, "lora_B": lr * ratio, "magnitude": lr}
-        params: dict[str, list[nn.Parameter]] = {name: [] for name in PARAM_GROUP_NAMES}
+        grouped: dict[tuple[str, float], list[nn.Parameter]] = {}
         for adapter in self.adapters:
-            params["lora_A"].append(adapter.lora_A)
-            params["lora_B"].append(adapter.lora_B)
-            if adapter.magnitude is not None:
-                params["magnitude"].append(adapter.magnitude)
-        return [
-            {"params": [p for p in params[name] if p.requires_grad], "lr": lrs[name], "name": name}
-            for name in PARAM_GROUP_NAMES
-            if any(p.requires_grad for p in params[name])
-        ]
+            for group, params in _adapter_params(adapter).items():
+                key = (group, self.lr_multipliers[adapter.name])
+                grouped.setdefault(key, []).extend(p for p in params if p.requires_grad)
+        order = sorted(grouped, key=lambda key: PARAM_GROUP_NAMES.index(key[0]))  # stable: multipliers keep model order
+        groups = []
+        for group, multiplier in order:
+            if not grouped[(group, multiplier)]:
+                continue
+            name = group if multiplier == 1.0 else f"{group} x{multiplier:g}"
+            groups.append({"params": grouped[(group, multiplier)], "lr": self._group_lr(lr, group, multiplier),
+                           "name": name})
+        if self.cfg.verbose:
+            for module, lrs in self.module_lrs(lr).items():
+                log.info("lr %s: %s", module, ", ".join(f"{group} {value:.4g}" for group, value in lrs.items()))
+        return groups
+
+    def _group_lr(self, lr: float, group: str, multiplier: float) -> float:
+        """LoRA+ (B only) on top of the module's lr_pattern multiplier."""
+        ratio = self.cfg.loraplus_lr_ratio if self.cfg.loraplus_lr_ratio > 0 else 1.0
+        return lr * multiplier * (ratio if group == "lora_B" else 1.0)
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> MaxNormStats:
@@ -246,6 +338,11 @@ class LoRANetwork(nn.Module):
             raise ValueError(f"scale_weight_norms={max_norm} must be > 0")
         keys_scaled, norms = 0, []
         for adapter in self.adapters:
+            if isinstance(adapter, ProductAdapter):
+                raise ValueError(
+                    f"{adapter.name}: scale_weight_norms rescales LoRA's two factors (kohya's max-norm); it is not "
+                    f"defined for {adapter.algo}: set scale_weight_norms to 0"
+                )
             if adapter.init == "pissa":
                 raise ValueError(
                     f"{adapter.name}: scale_weight_norms would shrink the principal part that init='pissa' moved "

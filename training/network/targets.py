@@ -137,7 +137,13 @@ def _matches(patterns: list[re.Pattern], name: str) -> bool:
     return any(p.fullmatch(name) for p in patterns)
 
 
-def _first_match(patterns: list[tuple[re.Pattern, float]], name: str) -> float | None:
+def value_patterns(mapping: Mapping[str, float], option: str, cast: type = float) -> list[tuple[re.Pattern, float]]:
+    """`{regex: value}` compiled in insertion order (invalid regexes named with `option`)."""
+    return [(p, cast(v)) for p, v in zip(_compile(mapping, option), mapping.values())]
+
+
+def first_match(patterns: list[tuple[re.Pattern, float]], name: str) -> float | None:
+    """The value of the first pattern that fullmatches `name`, or None."""
     for pattern, value in patterns:
         if pattern.fullmatch(name):
             return value
@@ -193,8 +199,8 @@ def select_modules(
     user_exclude_res = _compile(exclude_patterns, "exclude_patterns")
     include_res = _compile(include_patterns, "include_patterns")
     rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
-    rank_res = [(p, int(v)) for p, v in zip(_compile(rank_pattern, "rank_pattern"), rank_pattern.values())]
-    alpha_res = [(p, float(v)) for p, v in zip(_compile(alpha_pattern, "alpha_pattern"), alpha_pattern.values())]
+    rank_res = value_patterns(rank_pattern, "rank_pattern", int)
+    alpha_res = value_patterns(alpha_pattern, "alpha_pattern")
 
     selection = Selection()
     for name, kind in modules:
@@ -212,9 +218,9 @@ def select_modules(
                 selection.skipped.append((name, "exclude_patterns"))
                 continue
         default_rank, default_alpha = (rank, alpha) if kind == "linear" else (conv_dim, conv_alpha)
-        pattern_rank = _first_match(rank_res, name)
+        pattern_rank = first_match(rank_res, name)
         layer_rank = int(pattern_rank) if pattern_rank is not None else default_rank
-        pattern_alpha = _first_match(alpha_res, name)
+        pattern_alpha = first_match(alpha_res, name)
         layer_alpha = pattern_alpha if pattern_alpha is not None else default_alpha
         if layer_rank <= 0:
             why = "rank 0 from rank_pattern" if pattern_rank is not None else "Conv layer and conv_dim is 0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .fused_refusal import fused_backward_refusal
 from .losses import LossConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
@@ -18,7 +19,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"  # adamw | adamw_fused | adamw_foreach | adamw_schedulefree | sgd
+    optimizer: str = "adamw"  # optimizers.OPTIMIZERS: adamw, prodigy, adafactor, lion, came, adamw8bit, ...
     optimizer_kwargs: dict = field(default_factory=dict)  # validated per optimizer
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -29,6 +30,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     power: float = 1.0  # polynomial schedule
     max_grad_norm: float = 1.0  # 0 disables clipping
+    fused_backward_pass: bool = False  # step each parameter in the backward pass (kohya); saves gradient memory
     scale_weight_norms: float = 0.0  # max-norm regularisation of the adapter (0: off)
     loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
@@ -64,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"train option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train option mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.fused_backward_pass:
+            reason = fused_backward_refusal(self.optimizer, self.grad_accum, self.max_grad_norm, self.mixed_precision)
+            if reason:
+                raise ValueError(f"train option fused_backward_pass cannot be exact here: {reason}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -56,6 +56,7 @@ from .losses import flow_loss
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
 from .network.training_adapter import TrainingAdapter
+from .fused_backward import FusedBackwardOptimizer
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
 from .progress import ProgressCallback, ProgressEvent, StepClock
 from .run_settings import FREE, resume_changes, run_settings
@@ -262,8 +263,9 @@ class _Run:
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError("nothing to train: the trainable module has no parameters with requires_grad")
-        self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas,
-                                        cfg.optimizer_kwargs)
+        # Fused backward: the parameters step in their grad hooks, so the loop's step / zero_grad do nothing.
+        build = FusedBackwardOptimizer if cfg.fused_backward_pass else make_optimizer
+        self.optimizer = build(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer_kwargs)
         warmup = resolve_warmup(cfg.steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.scheduler = make_scheduler(self.optimizer, cfg.steps, cfg.schedule, warmup, cfg.min_lr_ratio, cfg.power)
         self.ema = (AdapterEMA(self.trainable, cfg.ema_decay, cfg.ema_start_step, cfg.ema_update_every)
@@ -490,6 +492,8 @@ class _Run:
         finally:
             self.trainable.eval()
             result.seconds = self.clock.elapsed
+            if cfg.fused_backward_pass:
+                self.raw_optimizer.remove_hooks()
         if is_schedule_free(self.raw_optimizer):
             self.raw_optimizer.eval()  # leave the trainable holding the schedule-free eval weights
         return result

@@ -6,8 +6,10 @@ Names (no class is ever imported from a user-given string):
   adamw_foreach       torch AdamW(foreach=True)
   adamw_schedulefree  schedulefree.AdamWScheduleFree (Defazio et al. 2024, "The Road Less Scheduled")
   sgd                 torch SGD (betas are ignored)
+  prodigy, adafactor, lion, came, adamw8bit, lion8bit, paged_adamw8bit, paged_lion8bit,
+  sgd_schedulefree, radam_schedulefree: library optimizers, see optimizer_library.py
 
-Schedule-free AdamW keeps two points per parameter: the training point y, where gradients
+Schedule-free optimizers (AdamW, SGD, RAdam) keep two points per parameter: the training point y, where gradients
 are taken, and the averaged point x, which is the model to sample with, average and save
 (z, the base sequence, lives in the optimizer state). The parameters hold y in train mode
 and x in eval mode. So: call `train_mode` before the first step and after loading a
@@ -22,10 +24,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-import schedulefree
+import logging
+
 import torch
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_foreach", "adamw_schedulefree", "sgd")
+from . import optimizer_library
+from .optimizer_library import SCHEDULE_FREE
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_foreach", "sgd", *optimizer_library.BUILDERS)
 
 
 def _non_negative_float(value: Any) -> bool:
@@ -42,6 +50,10 @@ def _non_negative_int(value: Any) -> bool:
 
 def _unit_interval(value: Any) -> bool:
     return _non_negative_float(value) and value < 1
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 # Per optimizer: extra kwarg -> (check, what a valid value is). Only these keys pass through.
@@ -64,6 +76,41 @@ ALLOWED_KWARGS: dict[str, dict[str, _KwargRule]] = {
         "momentum": (_unit_interval, "a float in [0, 1)"),
         "dampening": (_unit_interval, "a float in [0, 1)"),
         "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    },
+    "prodigy": {
+        "eps": (_positive_float, "a float > 0"),
+        "d_coef": (_positive_float, "a float > 0 (scales the learned step size d)"),
+        "d0": (_positive_float, "a float > 0 (initial d estimate)"),
+        "growth_rate": (_positive_float, "a float > 0 (cap on d's growth per step)"),
+        "safeguard_warmup": (_boolean, "true or false (true with lr warmup)"),
+        "use_bias_correction": (_boolean, "true or false"),
+        "decouple": (_boolean, "true or false (AdamW-style weight decay)"),
+        "beta3": (_unit_interval, "a float in [0, 1)"),
+    },
+    "adafactor": {
+        "beta1": (_unit_interval, "a float in [0, 1) (first moment; absent: none, as transformers' default)"),
+        "decay_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0, "a float < 0"),
+        "clip_threshold": (_positive_float, "a float > 0"),
+        "eps1": (_positive_float, "a float > 0"),
+        "eps2": (_positive_float, "a float > 0"),
+    },
+    "lion": {},
+    "came": {
+        "beta3": (_unit_interval, "a float in [0, 1)"),
+        "clip_threshold": (_positive_float, "a float > 0"),
+        "eps1": (_positive_float, "a float > 0"),
+        "eps2": (_positive_float, "a float > 0"),
+    },
+    **{name: {"eps": (_positive_float, "a float > 0")} for name in optimizer_library.BNB_OPTIMIZERS},
+    "sgd_schedulefree": {
+        "warmup_steps": (_non_negative_int, "an int >= 0"),
+        "r": (_non_negative_float, "a float >= 0"),
+        "weight_lr_power": (_non_negative_float, "a float >= 0"),
+    },
+    "radam_schedulefree": {
+        "eps": (_positive_float, "a float > 0"),
+        "r": (_non_negative_float, "a float >= 0"),
+        "weight_lr_power": (_non_negative_float, "a float >= 0"),
     },
 }
 
@@ -132,9 +179,19 @@ def make_optimizer(
 
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, **extra)
-    if name == "adamw_schedulefree":
-        optimizer = schedulefree.AdamWScheduleFree(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, **extra)
-        optimizer.train()
+    if name in optimizer_library.BUILDERS:
+        lrs = {group.get("lr", lr) for group in param_groups} - {0.0}
+        if name == "prodigy" and len(lrs) > 1:
+            raise ValueError(
+                f"optimizer 'prodigy' learns one step size for all parameters, so its parameter groups need one lr "
+                f"(got {sorted(lrs)}); set loraplus_lr_ratio to 0 and leave lr_pattern empty (0 freezes a module), "
+                "or use another optimizer"
+            )
+        if name == "prodigy" and lr != 1.0:
+            log.warning("prodigy learns its step size d and multiplies it by lr: lr=1 is the recommended value "
+                        "(this run has lr=%g); tune d_coef instead", lr)
+        optimizer = optimizer_library.build(name, param_groups, lr, weight_decay, betas, extra)
+        train_mode(optimizer)
         return optimizer
 
     devices = _param_devices(param_groups)
@@ -162,7 +219,7 @@ def _unwrapped(optimizer) -> torch.optim.Optimizer:
 
 
 def is_schedule_free(optimizer) -> bool:
-    return isinstance(_unwrapped(optimizer), schedulefree.AdamWScheduleFree)
+    return isinstance(_unwrapped(optimizer), SCHEDULE_FREE)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..training.network.file_config import config_for_file
 from ..training.network.lora import DORA_AXES, INITS
-from ..training.network.network import NetworkConfig, select
+from ..training.network.network import ALGOS, NetworkConfig, select
 from . import host
 from .sockets import CATEGORY, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec
 
@@ -53,9 +53,11 @@ class BuildLoRANetwork:
         return {
             "required": {
                 "model": (DITT_MODEL, {"tooltip": "The base model the adapter is for."}),
-                "algo": (["lora", "dora"], {"default": d.algo,
-                                            "tooltip": "dora: weight-decomposed LoRA (Linear layers only), loads in "
-                                                       "stock LoraLoader via dora_scale; slower per step than lora."}),
+                "algo": (list(ALGOS), {"default": d.algo,
+                                       "tooltip": "dora: weight-decomposed LoRA (Linear layers only), loads in "
+                                                  "stock LoraLoader via dora_scale; slower per step than lora. "
+                                                  "loha / lokr: LyCORIS Hadamard / Kronecker products (Linear and "
+                                                  "Conv), loaded natively by stock LoraLoader."}),
                 "rank": ("INT", {"default": d.rank, "min": 1, "max": 1024,
                                  "tooltip": "Adapter rank (network_dim). Higher learns more, file grows linearly."}),
                 "alpha": ("FLOAT", {"default": d.alpha, "min": 0.0, "max": 4096.0, "step": 0.5,
@@ -108,7 +110,7 @@ class BuildLoRANetwork:
                                   {"tooltip": "Start from an existing adapter in models/loras (ours, kohya / "
                                               "musubi, ai-toolkit, diffusers or PEFT names) instead of a fresh one."}),
             },
-            "optional": {  # optional widgets: workflows saved before they existed still validate
+            "optional": {  # optional widgets, appended: workflows saved before they existed still validate
                 "training_adapter": ([NO_FILE, *host.model_files("loras")],
                                      {"default": NO_FILE,
                                       "tooltip": "Distilled bases (Z-Image Turbo, Flux.1 schnell): a LoRA in "
@@ -119,18 +121,28 @@ class BuildLoRANetwork:
                 "training_adapter_strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                                         "tooltip": "Strength the training adapter is merged at, as "
                                                                    "LoraLoader's strength_model (1.0 as trained)."}),
+                "lokr_factor": ("INT", {"default": d.lokr_factor, "min": -1, "max": 1024,
+                                        "tooltip": "LoKr: size of the small Kronecker factor (4 is common); -1 "
+                                                   "picks the most balanced split."}),
+                "lokr_full_matrix": ("BOOLEAN", {"default": d.lokr_full_matrix,
+                                                 "tooltip": "LoKr: train the large factor as a full matrix (no rank)."}),
+                "lr_pattern": ("STRING", {**multiline,
+                                          "tooltip": "Per-module lr multiplier: 'regex = multiplier' per line, first "
+                                                     "full match wins (e.g. 'layers\\.(2[0-9])\\..* = 0.5'); "
+                                                     "combined with LoRA+."}),
             },
         }
 
     def build(self, model: DitModel, continue_from: str, include_patterns: str, exclude_patterns: str,
               rank_pattern: str, alpha_pattern: str, training_adapter: str = NO_FILE,
-              training_adapter_strength: float = 1.0, **options):
+              training_adapter_strength: float = 1.0, lr_pattern: str = "", **options):
         cfg = NetworkConfig.from_dict({
             **options,
             "include_patterns": pattern_lines(include_patterns),
             "exclude_patterns": pattern_lines(exclude_patterns),
             "rank_pattern": pattern_values(rank_pattern, "rank_pattern", int),
             "alpha_pattern": pattern_values(alpha_pattern, "alpha_pattern", float),
+            "lr_pattern": pattern_values(lr_pattern, "lr_pattern", float),
         })
         selection = select(model.model, model.architecture, cfg)
         if not selection.chosen:

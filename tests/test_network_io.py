@@ -267,10 +267,16 @@ def test_unknown_keys_and_text_encoder_keys(tmp_path):
     assert report.ignored_keys == ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]
     tensors = adapter_state_dict(network)
     tensors[f"{PREFIX}x_embedder.lora_A.weight"] = torch.zeros(4, 16)
-    tensors[f"{PREFIX}layers.0.feed_forward.w1.hada_w1_a"] = torch.zeros(4, 16)
+    tensors[f"{PREFIX}x_embedder.lora_B.weight"] = torch.zeros(48, 4)
     save_file(tensors, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match="2 keys match no layer .*include_patterns"):
         load_adapter_into(network, tmp_path / "extra.safetensors")
+    # LoHa keys on an adapted layer of a LoRA network name the algo that reads them.
+    tensors = adapter_state_dict(network)
+    tensors[f"{PREFIX}layers.0.feed_forward.w1.hada_w1_a"] = torch.zeros(4, 16)
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(ValueError, match="LoHa / LoKr tensors must name the whole layer once, without LoRA keys"):
+        load_adapter_into(network, tmp_path / "mixed.safetensors")
 
 
 def test_pissa_continues_only_from_its_own_files(tmp_path, one_cpu_thread):

@@ -154,6 +154,10 @@ class BuildLoRANetwork:
         adapter_file = None if training_adapter == NO_FILE else host.model_path("loras", training_adapter)
         summary = (f"{cfg.algo}, rank {cfg.rank}, alpha {cfg.alpha:g}: {len(selection.chosen)} layers adapted, "
                    f"{len(selection.skipped)} skipped" + (f"; continues {continue_from}" if init_from else ""))
+        negative = [pattern for pattern, multiplier in cfg.lr_pattern.items() if multiplier < 0]
+        if negative:  # unlearning: said where the user looks, not only in the log
+            summary += (f"; WARNING negative lr (unlearning, very unstable; TrainLoRA needs allow_negative_lr) for "
+                        f"{', '.join(negative)}")
         if adapter_file is not None:
             config_for_file(model.model, model.architecture, adapter_file)  # a file for another model fails here
             summary += f"; training adapter {training_adapter} at {training_adapter_strength:g}"

@@ -22,6 +22,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # optimizers.OPTIMIZERS: adamw, prodigy, adafactor, lion, came, adamw8bit, ...
     optimizer_kwargs: dict = field(default_factory=dict)  # validated per optimizer
     lr: float = 1e-4
+    allow_negative_lr: bool = False  # lr < 0 (or negative lr_pattern multipliers): unlearning, very unstable
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "constant"  # constant | linear | cosine | cosine_with_min_lr | polynomial | rex
@@ -58,8 +59,9 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "sample_every", "keep_last", "ema_start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train option {name} must not be negative, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train option lr must be positive, got {self.lr}")
+        if self.lr == 0 or (self.lr < 0 and not self.allow_negative_lr):
+            raise ValueError(f"train option lr must be positive (negative only with allow_negative_lr: true, for "
+                             f"unlearning; very unstable), got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train option ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .fused_refusal import PER_PARAMETER, fused_backward_refusal
+from .negative_lr import ascent_groups
 from .optimizers import make_optimizer
 
 
@@ -26,9 +27,10 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
     """One `name` optimizer per parameter, stepped from the parameter's post-accumulate-grad hook."""
 
     def __init__(self, name: str, param_groups: list[dict], lr: float, weight_decay: float,
-                 betas: tuple[float, float], kwargs: dict | None = None):
+                 betas: tuple[float, float], kwargs: dict | None = None, allow_negative_lr: bool = False):
         if name not in PER_PARAMETER:
             raise ValueError(f"fused_backward_pass: {fused_backward_refusal(name, 1, 0.0, 'no')}")
+        param_groups, lr = ascent_groups(name, param_groups, lr, allow_negative_lr)  # the schedule sees |lr|
         super().__init__(param_groups, {"lr": lr})
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self._group_index: dict[torch.Tensor, int] = {}

@@ -265,7 +265,8 @@ class _Run:
             raise ValueError("nothing to train: the trainable module has no parameters with requires_grad")
         # Fused backward: the parameters step in their grad hooks, so the loop's step / zero_grad do nothing.
         build = FusedBackwardOptimizer if cfg.fused_backward_pass else make_optimizer
-        self.optimizer = build(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer_kwargs)
+        self.optimizer = build(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer_kwargs,
+                               allow_negative_lr=cfg.allow_negative_lr)
         warmup = resolve_warmup(cfg.steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.scheduler = make_scheduler(self.optimizer, cfg.steps, cfg.schedule, warmup, cfg.min_lr_ratio, cfg.power)
         self.ema = (AdapterEMA(self.trainable, cfg.ema_decay, cfg.ema_start_step, cfg.ema_update_every)

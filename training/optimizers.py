@@ -29,6 +29,7 @@ import logging
 import torch
 
 from . import optimizer_library
+from .negative_lr import ascent_groups
 from .optimizer_library import SCHEDULE_FREE
 
 log = logging.getLogger(__name__)
@@ -151,17 +152,17 @@ def make_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     kwargs: dict | None = None,
+    allow_negative_lr: bool = False,
 ) -> torch.optim.Optimizer:
     """Build the named optimizer over `param_groups` (dicts with "params", "lr", maybe "name").
 
     `lr` is the default for groups without their own; `kwargs` are extra optimizer
     arguments, checked against ALLOWED_KWARGS[name]. A schedule-free optimizer comes back
-    in train mode.
+    in train mode. Negative lrs need `allow_negative_lr` (negative_lr.py).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"learning rate {lr!r} must be > 0")
+    param_groups, lr = ascent_groups(name, param_groups, lr, allow_negative_lr)
     if not _non_negative_float(weight_decay):
         raise ValueError(f"weight_decay {weight_decay!r} must be >= 0")
     if len(betas) != 2 or not all(_unit_interval(b) for b in betas):

@@ -20,7 +20,7 @@ from ..training.fused_backward import FusedBackwardOptimizer
 from ..training.network.network import LoRANetwork, NetworkConfig
 from ..training.optimizers import make_optimizer
 from .common import Setup, parse_setup, peak_mib, ratio, table, time_ms
-from .train_step import FULL, QUICK, ModelShape, _sample
+from .train_step import FULL, QUICK, ModelShape, _sample, run_tables
 
 
 class GradientPeak:
@@ -77,11 +77,7 @@ def run_model(shape: ModelShape, setup: Setup) -> None:
 
 
 def run(setup: Setup) -> None:
-    shapes = QUICK[:2] if setup.quick else FULL[:2]
-    for i, shape in enumerate(shapes):
-        if i:
-            print()
-        run_model(shape, setup)
+    run_tables(QUICK[:2] if setup.quick else FULL[:2], run_model, setup)  # Z-Image and Flux.1-dev
 
 
 def main(argv: Sequence[str] | None = None) -> None:

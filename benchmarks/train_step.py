@@ -28,7 +28,7 @@ CPU). Quick mode runs a tiny config of each family.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,12 +168,16 @@ def run_model(shape: ModelShape, setup: Setup) -> None:
                 [(name, t, ratio(t, lora), peak) for name, (t, peak) in results.items()]))
 
 
-def run(setup: Setup) -> None:
-    shapes = QUICK if setup.quick else FULL
+def run_tables(shapes: Sequence[ModelShape], run_model: Callable[[ModelShape, Setup], None], setup: Setup) -> None:
+    """One table per model shape, a blank line between them."""
     for i, shape in enumerate(shapes):
         if i:
             print()
         run_model(shape, setup)
+
+
+def run(setup: Setup) -> None:
+    run_tables(QUICK if setup.quick else FULL, run_model, setup)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

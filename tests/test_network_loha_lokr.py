@@ -277,3 +277,19 @@ def train_run(model, network, data, cfg, run_dir):
     from dit_trainer.training.loop import train
 
     return train(model, network, data, cfg, run_dir=run_dir)
+
+
+def test_loha_gradients_equal_autograd_of_the_plain_product():
+    """The factor-saving backward of LoHa's dW gives autograd's gradients of (w1_a w1_b) * (w2_a w2_b)."""
+    from dit_trainer.training.network.loha import _HadamardWeight
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((12, 3), (3, 20), (12, 3), (3, 20))]
+    torch.autograd.gradcheck(_HadamardWeight.apply, factors)
+    upstream = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((_HadamardWeight.apply(*factors) * upstream).sum(), factors)
+    w1_a, w1_b, w2_a, w2_b = factors
+    plain = torch.autograd.grad((((w1_a @ w1_b) * (w2_a @ w2_b)) * upstream).sum(), factors)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b)

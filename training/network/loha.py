@@ -7,6 +7,10 @@ w*_a [out, r], w*_b [r, in * kernel]: ComfyUI's `hada_w1_a` ... `hada_w2_b`
 dW can reach r^2, which is why LoHa needs a lower rank than LoRA for the same capacity.
 Init as LyCORIS: w1_b, w2_b ~ N(0, 1), w1_a ~ N(0, 0.1), w2_a = 0, so a new adapter is an
 exact no-op. Tucker Conv factors (hada_t1 / hada_t2) are not trained here.
+
+dW is rebuilt in each forward. Its autograd keeps only the four factors and rebuilds the
+two [out, in] products in the backward pass (as ComfyUI's and LyCORIS's HadaWeight), so a
+layer holds one dW for the backward instead of three.
 """
 
 from __future__ import annotations
@@ -15,6 +19,22 @@ import torch
 import torch.nn as nn
 
 from .product_base import ProductAdapter
+
+
+class _HadamardWeight(torch.autograd.Function):
+    """(w1_a @ w1_b) * (w2_a @ w2_b), saving the factors instead of the products."""
+
+    @staticmethod
+    def forward(ctx, w1_a, w1_b, w2_a, w2_b):
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
+        return (w1_a @ w1_b) * (w2_a @ w2_b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        grad_1 = grad * (w2_a @ w2_b)  # d dW / d (w1_a @ w1_b)
+        grad_2 = grad * (w1_a @ w1_b)
+        return grad_1 @ w1_b.t(), w1_a.t() @ grad_1, grad_2 @ w2_b.t(), w2_a.t() @ grad_2
 
 
 class LoHaModule(ProductAdapter):
@@ -38,4 +58,4 @@ class LoHaModule(ProductAdapter):
             nn.init.zeros_(self.hada_w2_a)
 
     def diff_weight(self) -> torch.Tensor:
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+        return _HadamardWeight.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)

@@ -293,3 +293,27 @@ def test_loha_gradients_equal_autograd_of_the_plain_product():
     plain = torch.autograd.grad((((w1_a @ w1_b) * (w2_a @ w2_b)) * upstream).sum(), factors)
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_posthoc_ema_merges_checkpoint_files_that_load_back(tmp_path, algo):
+    """EMAMerge's merge of LoHa / LoKr checkpoints: the factors averaged key by key, alpha kept, loadable."""
+    from dit_trainer.training.posthoc_ema import merge_adapter_files
+
+    model = tiny_model()
+    network = LoRANetwork(model, "zimage", NetworkConfig(algo=algo, rank=2, alpha=2.0))
+    paths = []
+    for seed in range(3):
+        randomise(network, seed=seed)
+        paths.append(save_adapter(network, tmp_path / f"step{seed}.safetensors"))
+    tensors, _ = merge_adapter_files(paths, "beta", beta=0.5)
+    files = [load_file(str(p)) for p in paths]
+    for key, merged in tensors.items():
+        if key.endswith(".alpha"):
+            assert torch.equal(merged, files[0][key])
+        else:
+            expected = (files[0][key] * 0.5 + files[1][key] * 0.5) * 0.5 + files[2][key] * 0.5
+            torch.testing.assert_close(merged, expected)
+    save_file(tensors, str(tmp_path / "merged.safetensors"))
+    loaded = LoRANetwork(model, "zimage", config_for_file(model, "zimage", tmp_path / "merged.safetensors"))
+    assert sorted(load_adapter_into(loaded, tmp_path / "merged.safetensors").loaded) == sorted(network.names)

@@ -28,6 +28,10 @@ def random_adapter(path, algo: str, style: str = "comfy") -> dict[str, torch.Ten
     network = LoRANetwork(model, "zimage", NetworkConfig(algo=algo, rank=4, alpha=2.0))
     with torch.no_grad():
         for adapter in network.adapters:
+            if adapter.algo in ("loha", "lokr"):  # every factor: their fresh init is a no-op
+                for factor in adapter.parameters():
+                    factor.normal_(0, 0.4)
+                continue
             adapter.lora_B.normal_(0, 0.2)
             if adapter.magnitude is not None:
                 adapter.magnitude.mul_(1 + 0.3 * torch.rand_like(adapter.magnitude))
@@ -35,7 +39,7 @@ def random_adapter(path, algo: str, style: str = "comfy") -> dict[str, torch.Ten
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("algo", ["lora", "dora"])
+@pytest.mark.parametrize("algo", ["lora", "dora", "loha", "lokr"])
 def test_sample_strength_equals_comfyui_loraloader_merge(comfy_host, comfy_pack, algo):
     tensors = random_adapter(comfy_host.folder("loras") / "random.safetensors", algo)
     nodes = comfy_pack.NODE_CLASS_MAPPINGS

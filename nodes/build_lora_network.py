@@ -117,7 +117,7 @@ class BuildLoRANetwork:
                                                  "models/loras that undoes the distillation (ai-toolkit's training "
                                                  "adapter), merged into the base while training only. Previews and "
                                                  "the saved adapter leave it out, so the LoRA keeps the few-step "
-                                                 "sampling. Its layers must use algo lora."}),
+                                                 "sampling. DoRA cannot adapt its layers."}),
                 "training_adapter_strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                                         "tooltip": "Strength the training adapter is merged at, as "
                                                                    "LoraLoader's strength_model (1.0 as trained)."}),

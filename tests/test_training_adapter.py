@@ -48,6 +48,10 @@ def adapter_file(path, seed: int, up_std: float = 0.3, algo: str = "lora", style
     network = LoRANetwork(model, "zimage", NetworkConfig(**{**ADAPTER_LAYERS.to_dict(), "algo": algo}))
     with torch.no_grad():
         for adapter in network.adapters:
+            if algo in ("loha", "lokr"):  # every factor: their fresh init is a no-op
+                for factor in adapter.parameters():
+                    factor.normal_(0, up_std)
+                continue
             adapter.lora_B.normal_(0, up_std)  # std 0: all zeros
             if adapter.magnitude is not None:
                 adapter.magnitude.mul_(1 + 0.3 * torch.rand_like(adapter.magnitude))
@@ -100,7 +104,8 @@ def test_training_steps_see_comfyui_loraloader_merge_and_a_different_loss(tmp_pa
 
 
 @pytest.mark.parametrize("algo,style,dtype", [("lora", "kohya", torch.float32), ("dora", "comfy", torch.float32),
-                                             ("lora", "comfy", torch.bfloat16)])
+                                             ("lora", "comfy", torch.bfloat16), ("loha", "comfy", torch.float32),
+                                             ("lokr", "kohya", torch.float32)])
 def test_foreign_dora_and_bf16_merges_are_comfyui_merges(tmp_path, algo, style, dtype):
     path, _ = adapter_file(tmp_path / f"{algo}_{style}.safetensors", seed=6, algo=algo, style=style)
     _, comfy_tensors = adapter_file(tmp_path / f"{algo}_comfy_keys.safetensors", seed=6, algo=algo)
@@ -113,7 +118,8 @@ def test_foreign_dora_and_bf16_merges_are_comfyui_merges(tmp_path, algo, style, 
         for name in adapter.names:
             # ComfyUI: float32 merge of the stored weight, rounded back to its dtype.
             expected = comfy_merge(base[name], comfy_tensors, PREFIX + name, 0.6).to(dtype)
-            # DoRA: the engine's norm of W0 + s B A is computed without the product; fp32 rounding apart.
+            # DoRA: the engine's norm of W0 + s B A is computed without the product; LoHa / LoKr: s * (alpha / r)
+            # multiplied in another order. fp32 rounding apart.
             torch.testing.assert_close(modules[name].weight, expected, rtol=0, atol=0 if algo == "lora" else 2e-6)
     assert all(torch.equal(modules[name].weight, base[name]) for name in adapter.names)
 

@@ -12,6 +12,7 @@ exactly as ComfyUI's LoraLoader merges at strength s (model_patcher.patch_weight
 + LoRAAdapter.calculate_weight), in float32 and rounded to the weight's dtype:
     LoRA:  W = W0 + (s * alpha / r) * up @ down
     DoRA:  W = W0 + s * (W_dora - W0)   (W_dora itself at s = 1)
+    LoHa / LoKr:  W = W0 + s * (alpha / r) * dW   (ComfyUI's LoHaAdapter / LoKrAdapter)
 The original weights are kept on the CPU (as ComfyUI keeps its backups) and copied back
 on every exit, so the base comes back bit for bit; nothing is subtracted, which would
 not round-trip in floating point.
@@ -162,6 +163,8 @@ class TrainingAdapter:
         if adapter.algo == "dora":
             dora = adapter.adapted_weight()
             merged = dora if self.strength == 1.0 else base + self.strength * (dora - base)
+        elif adapter.algo in ("loha", "lokr"):
+            merged = base + self.strength * adapter.delta_weight()
         else:
             down, up = adapter.export_factors()
             change = (up.flatten(1) @ down.flatten(1)).reshape(base.shape)

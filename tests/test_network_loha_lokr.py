@@ -317,3 +317,18 @@ def test_posthoc_ema_merges_checkpoint_files_that_load_back(tmp_path, algo):
     save_file(tensors, str(tmp_path / "merged.safetensors"))
     loaded = LoRANetwork(model, "zimage", config_for_file(model, "zimage", tmp_path / "merged.safetensors"))
     assert sorted(load_adapter_into(loaded, tmp_path / "merged.safetensors").loaded) == sorted(network.names)
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_max_norm_caps_the_weight_change(variant):
+    network = LoRANetwork(tiny_model(), "zimage", NetworkConfig(rank=2, alpha=3.0, **variant))
+    randomise(network, std=1.0)
+    before = {a.name: a.delta_weight() for a in network.adapters}
+    cap = 0.5 * min(float(d.norm()) for d in before.values())  # every adapter is above it
+    stats = network.apply_max_norm(cap)
+    assert stats.keys_scaled == len(network.adapters)
+    for adapter in network.adapters:
+        after = adapter.delta_weight()
+        assert float(after.norm()) == pytest.approx(cap, rel=1e-5)
+        torch.testing.assert_close(after, before[adapter.name] * (cap / float(before[adapter.name].norm())),
+                                   rtol=1e-5, atol=1e-7)  # the same direction

@@ -11,8 +11,8 @@ network dropout, rank dropout and split q/k/v slices.
 
 LoHa / LoKr (loha.py, lokr.py) adapt Linear and Conv layers alike. What is LoRA's alone
 is refused with the reason: LoRA+ (it raises the lr of LoRA's up matrix B, which a
-Hadamard or Kronecker product does not have), network dropout, split q/k/v slices,
-orthogonal / PiSSA init and max-norm rescaling.
+Hadamard or Kronecker product does not have), network dropout, split q/k/v slices and
+orthogonal / PiSSA init.
 
 Per-module learning rates (`lr_pattern`, regex -> multiplier, first fullmatch wins as
 in `rank_pattern`): each parameter group holds the modules of one multiplier, named
@@ -331,31 +331,31 @@ class LoRANetwork(nn.Module):
         """kohya's max-norm regularisation (scale_weight_norms), after an optimizer step.
 
         Per adapter: norm = ||s B A||_F (clamped below at max_norm / 2 to avoid 0 / 0),
-        ratio = min(norm, max_norm) / norm, and A and B are both scaled by sqrt(ratio).
+        ratio = min(norm, max_norm) / norm, and A and B are both scaled by sqrt(ratio);
+        LoHa / LoKr: norm = ||s dW||_F and the first factor scaled by ratio.
         Returns the number of adapters scaled and the mean / max norm after scaling.
         """
         if max_norm <= 0:
             raise ValueError(f"scale_weight_norms={max_norm} must be > 0")
         keys_scaled, norms = 0, []
         for adapter in self.adapters:
-            if isinstance(adapter, ProductAdapter):
-                raise ValueError(
-                    f"{adapter.name}: scale_weight_norms rescales LoRA's two factors (kohya's max-norm); it is not "
-                    f"defined for {adapter.algo}: set scale_weight_norms to 0"
-                )
             if adapter.init == "pissa":
                 raise ValueError(
                     f"{adapter.name}: scale_weight_norms would shrink the principal part that init='pissa' moved "
                     "into the adapter; use init='kaiming' or turn scale_weight_norms off"
                 )
-            down, up = adapter.export_factors()
-            norm = frobenius_norm(down, up, adapter.scale)
+            product = isinstance(adapter, ProductAdapter)
+            norm = float(adapter.delta_weight().norm()) if product else frobenius_norm(*adapter.export_factors(),
+                                                                                          adapter.scale)
             clamped = max(norm, max_norm / 2)
             ratio = min(clamped, max_norm) / clamped
             if ratio != 1.0:
                 keys_scaled += 1
-                adapter.lora_A.mul_(math.sqrt(ratio))
-                adapter.lora_B.mul_(math.sqrt(ratio))
+                if product:  # dW is linear in its first factor (LyCORIS scales a scalar on it)
+                    getattr(adapter, adapter.FILE_KEYS[0]).mul_(ratio)
+                else:
+                    adapter.lora_A.mul_(math.sqrt(ratio))
+                    adapter.lora_B.mul_(math.sqrt(ratio))
             norms.append(norm * ratio)
         return MaxNormStats(keys_scaled, sum(norms) / len(norms), max(norms))
 

@@ -20,7 +20,7 @@ from ..training.fused_backward import FusedBackwardOptimizer
 from ..training.network.network import LoRANetwork, NetworkConfig
 from ..training.optimizers import make_optimizer
 from .common import Setup, parse_setup, peak_mib, ratio, table, time_ms
-from .train_step import FULL, QUICK, ModelShape, _sample, run_tables
+from .train_step import FULL, QUICK, ModelShape, model_and_sample, run_tables
 
 
 class GradientPeak:
@@ -44,11 +44,7 @@ def run_model(shape: ModelShape, setup: Setup) -> None:
     rank = shape.rank
     print(f"Fused backward pass, {shape.title} ({shape.blocks()}, width {shape.width()}, LoRA rank {rank})  "
           f"[{setup.describe()}]")
-    torch.manual_seed(0)
-    with setup.device:
-        model = shape.build().to(setup.dtype).requires_grad_(False)
-    x, sigma, cond = _sample(shape, setup)
-    inputs = cond.model_inputs(model)
+    model, x, sigma, inputs = model_and_sample(shape, setup)
     rows, baseline = [], {}
     for name in ("adamw", "adafactor"):
         for fused in (False, True):

@@ -140,15 +140,20 @@ def _sample(shape: ModelShape, setup: Setup) -> tuple[torch.Tensor, torch.Tensor
     return x, sigma, cond
 
 
-def run_model(shape: ModelShape, setup: Setup) -> None:
-    """Print one model's table: a training step per adapter variant."""
-    print(f"Training step, {shape.title} ({shape.blocks()}, width {shape.width()}, "
-          f"{shape.image_tokens()} image + {shape.text[0]} text tokens, rank {shape.rank})  [{setup.describe()}]")
+def model_and_sample(shape: ModelShape, setup: Setup) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
+    """The frozen model slice (seeded weights) and one sample's (x, sigma, model inputs)."""
     torch.manual_seed(0)
     with setup.device:
         model = shape.build().to(setup.dtype).requires_grad_(False)
     x, sigma, cond = _sample(shape, setup)
-    inputs = cond.model_inputs(model)
+    return model, x, sigma, cond.model_inputs(model)
+
+
+def run_model(shape: ModelShape, setup: Setup) -> None:
+    """Print one model's table: a training step per adapter variant."""
+    print(f"Training step, {shape.title} ({shape.blocks()}, width {shape.width()}, "
+          f"{shape.image_tokens()} image + {shape.text[0]} text tokens, rank {shape.rank})  [{setup.describe()}]")
+    model, x, sigma, inputs = model_and_sample(shape, setup)
     results = {}
     for label, options, backend in _variants(setup.device.type == "cuda", shape.rank):
         network = LoRANetwork(model, model.architecture, options).attach()

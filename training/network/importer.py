@@ -383,6 +383,10 @@ def _magnitude_for(path: str, adapter, item: _Assembled, down: torch.Tensor, up:
     return values
 
 
+def _not_in_file_warning(path: str, names: list[str]) -> str:
+    return f"{path}: {len(names)} adapted modules are not in the file and keep their initial values ({shown(names)})"
+
+
 def _load_products(path, network, adapters, products, pieces, styles, ignored, meta) -> ImportReport:
     """A LoHa / LoKr file into a LoHa / LoKr network (product_import.py); anything else is refused."""
     algo = network.cfg.algo
@@ -401,10 +405,7 @@ def _load_products(path, network, adapters, products, pieces, styles, ignored, m
     report.loaded = list(products)
     report.not_in_file = [name for name in network.names if name not in products]
     if report.not_in_file:
-        report.warnings.append(
-            f"{path}: {len(report.not_in_file)} adapted modules are not in the file and keep their initial values "
-            f"({shown(report.not_in_file)})"
-        )
+        report.warnings.append(_not_in_file_warning(path, report.not_in_file))
     for warning in report.warnings:
         log.warning("%s", warning)
     log.info("loaded %d %s modules from %s (%s)", len(report.loaded), algo, path, ", ".join(styles))
@@ -488,10 +489,7 @@ def load_adapter_into(network: LoRANetwork, path: str | os.PathLike) -> ImportRe
             "LoRA; they are ignored, so outputs differ from the file's. Build the network with algo='dora' to use them"
         )
     if report.not_in_file:
-        report.warnings.append(
-            f"{path}: {len(report.not_in_file)} adapted modules are not in the file and keep their initial values "
-            f"({shown(report.not_in_file)})"
-        )
+        report.warnings.append(_not_in_file_warning(path, report.not_in_file))
     if ignored:
         report.warnings.append(f"{path}: {len(ignored)} text-encoder keys ignored (only the diffusion model is adapted)")
     for warning in report.warnings:

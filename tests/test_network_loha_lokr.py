@@ -206,7 +206,7 @@ def test_lora_network_refuses_a_loha_file_naming_the_algo(tmp_path):
         load_adapter_into(LoRANetwork(model, "zimage", NetworkConfig(algo="loha", rank=2, alpha=5.0)), path)
 
 
-def test_tucker_files_are_refused_with_the_reason(tmp_path):
+def test_tucker_and_weight_decomposed_files_are_refused_with_the_reason(tmp_path):
     model = tiny_model()
     network = LoRANetwork(model, "zimage", NetworkConfig(algo="loha", rank=2))
     tensors = adapter_state_dict(network)
@@ -216,6 +216,11 @@ def test_tucker_files_are_refused_with_the_reason(tmp_path):
     save_file(tensors, str(tmp_path / "t.safetensors"))
     with pytest.raises(ValueError, match="Tucker"):
         load_adapter_into(network, tmp_path / "t.safetensors")
+    tensors = adapter_state_dict(network)
+    tensors[f"{first}.dora_scale"] = torch.ones(1, 48)
+    save_file(tensors, str(tmp_path / "wd.safetensors"))
+    with pytest.raises(ValueError, match="weight-decomposed LoHa / LoKr"):
+        load_adapter_into(network, tmp_path / "wd.safetensors")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ ComfyUI applies:
     scale is folded into w1 (the network's scale is 1 there);
   * a file without alpha (scale 1) loaded at the network's scale with the first factor
     rescaled; a file whose alpha gives another scale is refused, naming the fix.
-Tucker Conv factors (hada_t1 / hada_t2, lokr_t2) are not trained here: refused.
+Tucker Conv factors (hada_t1 / hada_t2, lokr_t2) and weight-decomposed LoHa / LoKr
+(a dora_scale beside the factors) are not trained here: refused.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def product_of(path: str, name: str, parts: dict) -> ProductFile | None:
         )
     got = piece.product
     _refuse_tucker(path, name, got)
+    if piece.dora_scale is not None:
+        raise ValueError(
+            f"{path}: {name} is a weight-decomposed LoHa / LoKr (dora_scale beside its factors, LyCORIS dora_wd), which "
+            "this pack does not train (its DoRA is LoRA-based); ComfyUI's LoraLoader applies the file as it is"
+        )
     alpha = piece.alpha
     if any(key in got for key in _LOHA):
         missing = [key for key in _LOHA if key not in got]

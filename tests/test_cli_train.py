@@ -1,5 +1,6 @@
 """`dit-trainer train / resume / ema-merge` on the embedded demo model, end to end."""
 
+import json
 import textwrap
 
 import pytest
@@ -159,3 +160,12 @@ def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
     (folder / "3.txt").write_text("photo number 3")
     with pytest.raises(ValueError, match="not found in the dataset cache"):
         run_training(load_run_config(config))
+
+
+def test_validation_split_in_the_cli(tmp_path, capsys):
+    config = write_config(tmp_path, steps=4, extra_train="validation_split = 0.25\n        validation = { every = 2 }")
+    assert main(["train", config]) == 0
+    run_dir = tmp_path / "runs" / "cli_demo"
+    records = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert f"validation loss {records[-1]['loss']:.4f} at step 4" in capsys.readouterr().out

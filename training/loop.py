@@ -63,6 +63,7 @@ from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
 from .timesteps import sample_sigmas
+from .validation import due, fixed_examples, holdout_split, validation_loss, write_series
 
 log = logging.getLogger(__name__)
 RESUME_HISTORY_KEY = "dit_trainer_resume_history"  # adapter metadata: settings changed on resume
@@ -101,6 +102,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)  # written by this call, oldest first
     ema: AdapterEMA | None = None  # `with result.ema.applied(trainable):` to export the EMA weights
     resume_history: list[dict] = field(default_factory=list)  # settings changed on each resume
+    validation: list[dict] = field(default_factory=list)  # {"step", "loss", "by_sigma"} per evaluation (validation.py)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -224,8 +226,9 @@ class _Run:
     """The state of one `train()` call; its methods are the loop's steps, in the order they run."""
 
     def __init__(self, model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-                 adapter_metadata, settings, training_adapter):
+                 adapter_metadata, settings, training_adapter, validation_data=None):
         self.model, self.trainable, self.data, self.cfg = model, trainable, data, cfg
+        self.validation_data = validation_data
         self.on_progress, self.specs, self.should_stop = on_progress, _as_list(previews), should_stop
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.resume_from, self.adapter_metadata = resume_from, adapter_metadata
@@ -270,10 +273,25 @@ class _Run:
                     if cfg.ema_decay else None)
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
+        self.set_up_validation()
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
             for spec in self.specs:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
                                     spec.cfg, self.accelerator.device, spec.label)
+
+    def set_up_validation(self) -> None:
+        """Held-out examples (validation.py): a seeded split of the training data, or a separate dataset."""
+        cfg, held_out = self.cfg, self.validation_data
+        if cfg.validation_split > 0:
+            if held_out is not None:
+                raise ValueError("got both validation_split and a validation dataset; use one of them")
+            self.data, held_out = holdout_split(self.data, cfg.validation_split, cfg.seed)
+            log.info("validation_split %g: %d image(s) held out of training", cfg.validation_split,
+                     held_out.item_count())
+        if held_out is not None and cfg.validation.every == 0:
+            raise ValueError("held-out validation data is given but validation every is 0; set validation every "
+                             "(TrainLoRA validate_every, [train.validation] every) to the steps between evaluations")
+        self.validation_examples = [] if held_out is None else fixed_examples(held_out, cfg.validation.max_examples)
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
@@ -305,6 +323,9 @@ class _Run:
         self.start_step, self.micro_batches = state.step, state.micro_batches
         self.result.losses, self.result.skipped_nonfinite = list(state.losses), state.skipped_nonfinite
         self.result.resume_history = list(state.extra.get("resume_history", []))
+        self.result.validation = list(state.extra.get("validation", []))
+        if self.run_dir is not None and self.validation_examples:  # drop evaluations past the checkpoint
+            write_series(self.run_dir, self.result.validation)
         if changes:
             self.result.resume_history.append(
                 {"step": state.step, "changed": {k: [old, new] for k, (old, new) in changes.items()}})
@@ -361,7 +382,8 @@ class _Run:
                     rng=rng,
                     config=self.cfg.to_dict(),
                     ema=None if self.ema is None else self.ema.state_dict(),
-                    extra={"settings": self.settings, "resume_history": self.result.resume_history},
+                    extra={"settings": self.settings, "resume_history": self.result.resume_history,
+                           "validation": self.result.validation},
                 )
                 folder = save_state(checkpoint_dir(self.run_dir, step), state, files)
             finally:
@@ -436,6 +458,8 @@ class _Run:
             eta_s=self.clock.eta(cfg.steps - step - 1),
             norm_stats=norm_stats,
         )
+        self.validate(step + 1)
+        event.validation = self.unreported_validation(step + 1)
         if self.specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
@@ -445,6 +469,29 @@ class _Run:
                     event.preview_captions += spec.captions
             self.trainable.train()
         return event
+
+    def validate(self, step: int) -> None:
+        """Evaluate the validation loss after `step` steps when due; kept in the result and the run folder."""
+        vcfg = self.cfg.validation
+        if self.validation_examples and due(vcfg, step, self.cfg.steps):
+            self.trainable.eval()
+            ema_weights = self.ema.applied(self.trainable) if self.ema is not None and vcfg.use_ema \
+                else contextlib.nullcontext()
+            # fork_rng: whatever the model draws from the global generator stays out of the training run.
+            with _eval_view(self.raw_optimizer, self.params), ema_weights, torch.random.fork_rng(devices=[]):
+                record = validation_loss(self.model, self.validation_examples, vcfg.sigmas, vcfg.seed,
+                                         self.accelerator.device, self.cfg.guidance, self.accelerator.autocast)
+            self.trainable.train()
+            self.result.validation.append({"step": step, **record})
+            if self.run_dir is not None:
+                write_series(self.run_dir, self.result.validation)
+            log.info("validation loss at step %d: %.6g", step, record["loss"])
+
+    def unreported_validation(self, step: int) -> list[tuple[int, float]]:
+        """The (step, loss) points no progress event carried yet (the first one also carries step 0's)."""
+        points = [(r["step"], r["loss"]) for r in self.result.validation if r["step"] > self.reported_validation]
+        self.reported_validation = step
+        return points
 
     def stop_reason(self) -> str | None:
         if self.should_stop is not None and self.should_stop():
@@ -461,6 +508,9 @@ class _Run:
         result.steps_done = self.start_step
         self.clock = StepClock()
         self.nonfinite_run = 0
+        self.reported_validation = self.start_step if self.start_step else -1  # the baseline goes out first
+        if self.start_step == 0:
+            self.validate(0)
         # What a checkpoint written now must hold: the state before the step in progress,
         # or None while the optimizer is updating (a failure there leaves no exact state).
         self.step_start: tuple[dict, int] | None = (rng_state(self.noise_rng), self.micro_batches)
@@ -508,6 +558,7 @@ def train(
     adapter_metadata: dict | None = None,
     settings: dict | None = None,
     training_adapter: TrainingAdapter | None = None,
+    validation_data: TrainingData | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to `cfg.steps`.
 
@@ -519,10 +570,11 @@ def train(
     without it the train and network options are; a `training_adapter` is added to them.
     It is merged into the base for the training steps only (previews and the trainable's
     files never see it). On return the trainable holds its final weights (schedule-free:
-    the eval weights).
+    the eval weights). `validation_data` holds examples out for the validation loss
+    (validation.py; or cfg.validation_split splits them off `data`).
     """
     run = _Run(model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-               adapter_metadata, settings, training_adapter)
+               adapter_metadata, settings, training_adapter, validation_data)
     with signals.active_run():
         run.set_up()
         if resume_from is not None:

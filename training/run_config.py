@@ -6,7 +6,8 @@
                 training_adapter (+ training_adapter_strength) = a LoRA merged into the
                 base while training only (distilled bases; training_adapter.py)
     [data]      folder (or "embedded-demo"), DataConfig fields, mask_gamma, mask_min_weight
-    [train]     TrainConfig fields, with [train.loss] and [train.timesteps] sub-tables
+    [train]     TrainConfig fields, with [train.loss], [train.timesteps] and [train.validation]
+                sub-tables ([train.validation] folder = held-out images, read with the [data] options)
     [sample]    prompts (kohya line format, one per line) or prompts_file, and their defaults
     [output]    dir (the run folder's parent), name (file stem of the final adapter)
 
@@ -123,6 +124,7 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
     data.folder = resolve(data.folder)
     DataConfig(**data.options)  # range checks too, before any model is loaded
     train = TrainConfig.from_dict(dict(values.get("train", {})))
+    train.validation.folder = resolve(train.validation.folder)
     sample = from_plain(SampleSection, dict(values.get("sample", {})), "sample")
     sample.prompts_file = resolve(sample.prompts_file)
     output = from_plain(OutputSection, dict(values.get("output", {})), "output")

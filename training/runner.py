@@ -38,6 +38,7 @@ from .run_config import DEMO, RunConfig
 from .run_folder import RUN_ID_KEY, PreparedRun, prepare_run, read_record, record_run, run_lock
 from .run_settings import run_settings
 from .storage import OUTPUT_FIX
+from .validation import as_points
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -169,18 +170,23 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
         data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
+        held_out = None
+        if cfg.train.validation.folder:  # held-out images, read with the training folder's [data] options
+            held_out = dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,
+                                       model.cfg.patch_size)
+            log.info("validation set %s:\n%s", cfg.train.validation.folder, held_out.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
         result = train(
             model, network, data, cfg.train, on_progress, build_previews(cfg, encoders, model.cfg.patch_size),
             run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
-            settings=settings, training_adapter=training_adapter,
+            settings=settings, training_adapter=training_adapter, validation_data=held_out,
         )
         adapter_path = ema_path = None
         if not result.stopped_early:
             adapter_path, ema_path = save_trained_adapter(
                 network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash, metadata
             )
-        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png",
-                        OUTPUT_FIX)
+        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss",
+                                   validation=as_points(result.validation)), run_dir / "loss.png", OUTPUT_FIX)
     return RunResult(adapter_path, ema_path, plot, run_dir, result)

@@ -329,6 +329,19 @@ class FolderDataset:
         """Examples per epoch, counting repeats."""
         return sum(item.repeats for item in self.items)
 
+    def item_count(self) -> int:
+        """Images (an image with repeats counts once)."""
+        return len(self.items)
+
+    def subset(self, indices: list[int]) -> FolderDataset:
+        """A copy with only the images at `indices` (a validation split holds the others out)."""
+        part = copy.copy(self)
+        pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
+        part.items, part._sizes, part._placements = pick(self.items), pick(self._sizes), pick(self._placements)
+        part._latents, part._masks, part._references = pick(self._latents), pick(self._masks), pick(self._references)
+        part._text_controls, part._weights = pick(self._text_controls), pick(self._weights)
+        return part
+
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
         """Endless batches, each from one bucket; a pure function of (seed, dataset contents).
 

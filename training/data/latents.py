@@ -43,6 +43,15 @@ class LatentDataset:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def item_count(self) -> int:
+        return len(self)
+
+    def subset(self, indices: list[int]) -> "LatentDataset":
+        """The examples at `indices` (a validation split holds some out)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return LatentDataset(self.latents[index], self.cond.rows(index),
+                             None if self.weights is None else self.weights[index])
+
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
         """Endless shuffled batches, a pure function of `seed`: epoch e is a permutation drawn
         from a generator seeded with (seed, e), so `start` skips batches without replaying them

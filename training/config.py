@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .losses import LossConfig
+from .noise import NoiseConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
 from .validation import ValidationConfig
@@ -33,6 +34,7 @@ class TrainConfig:
     scale_weight_norms: float = 0.0  # max-norm regularisation of the adapter (0: off)
     loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noise offset, multires noise (noise.py)
     guidance: float = 1.0  # distilled guidance a guidance-embedded model (Flux.1-dev) sees while training (musubi: 1.0)
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
@@ -52,6 +54,8 @@ class TrainConfig:
             self.loss = LossConfig(**self.loss)
         if isinstance(self.timesteps, dict):
             self.timesteps = TimestepConfig(**self.timesteps)
+        if isinstance(self.noise, dict):
+            self.noise = NoiseConfig(**self.noise)
         if isinstance(self.validation, dict):
             self.validation = ValidationConfig(**self.validation)
         self.betas = tuple(self.betas)

@@ -62,7 +62,8 @@ from .run_settings import FREE, resume_changes, run_settings
 from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
-from .timesteps import sample_sigmas
+from .noise import training_noise
+from .timesteps import TimestepPool, sample_sigmas
 from .validation import due, fixed_examples, holdout_split, validation_loss, write_series
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,8 @@ class _Run:
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
         self.set_up_validation()
+        self.timestep_pool = (TimestepPool(cfg.timesteps.num_buckets, cfg.seed, cfg.batch_size, len(self.data))
+                              if cfg.timesteps.num_buckets > 1 else None)
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
             for spec in self.specs:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
@@ -400,9 +403,10 @@ class _Run:
         batch = next(batches)
         self.micro_batches += 1
         x0 = batch.latents.to(accelerator.device)
-        noise = torch.randn(x0.shape, generator=self.noise_rng).to(accelerator.device)
+        noise = training_noise(x0.shape, cfg.noise, self.noise_rng).to(accelerator.device)
         n_tokens = image_tokens(self.model, x0.shape[-2:])  # resolution-dependent shifts count these
-        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng).to(accelerator.device)
+        pooled = None if self.timestep_pool is None else self.timestep_pool.uniforms(self.micro_batches - 1, x0.shape[0])
+        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng, pooled).to(accelerator.device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
         cond = batch.cond.with_guidance(cfg.guidance).to(accelerator.device)

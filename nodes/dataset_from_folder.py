@@ -113,6 +113,20 @@ class DatasetFromFolder:
                     "tooltip": "Qwen-Image-Edit reads the control image with the caption: encode captions as the "
                                "node you will prompt with does (Plus for Edit-2509 / 2511, the plain node for the "
                                "first Edit). Other models ignore it."}),
+                "trigger_word": ("STRING", {"default": d.trigger_word,
+                                            "tooltip": "Put in front of every caption that lacks it (after "
+                                                       "shuffling, so it stays first); [trigger] in a caption "
+                                                       "becomes it. Empty: off."}),
+                "caption_prefix": ("STRING", {"default": d.caption_prefix,
+                                              "tooltip": "Text added before every caption (kohya caption_prefix)."}),
+                "caption_suffix": ("STRING", {"default": d.caption_suffix,
+                                              "tooltip": "Text added after every caption (kohya caption_suffix)."}),
+                "keep_tokens_separator": ("STRING", {"default": d.keep_tokens_separator,
+                                                     "tooltip": "e.g. |||: 'fixed ||| shuffled ||| fixed end' keeps "
+                                                                "the first and last parts in place when shuffling."}),
+                "secondary_separator": ("STRING", {"default": d.secondary_separator,
+                                                   "tooltip": "e.g. ;;;: words joined by it shuffle as one piece "
+                                                              "and become ', ' in the caption."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder (not needed for the embedded demo)."}),
                 "vae": ("VAE", {"tooltip": "The model's VAE (not needed for the embedded demo)."}),
             },

@@ -29,6 +29,11 @@ class DataConfig:
     keep_tokens: int = 0  # with shuffle: the first N pieces stay in place
     caption_separator: str = ","  # splits a caption into pieces for shuffling
     caption_dropout: float = 0.0  # probability that a draw uses the empty caption
+    caption_prefix: str = ""  # added in front of every caption (kohya caption_prefix)
+    caption_suffix: str = ""  # added after every caption (kohya caption_suffix)
+    keep_tokens_separator: str = ""  # "fixed ||| shuffled ||| fixed suffix" (kohya's, e.g. "|||"); "" = off
+    secondary_separator: str = ""  # joins words into one shuffle piece, becomes ", " (kohya's, e.g. ";;;")
+    trigger_word: str = ""  # put in front of captions that lack it; "[trigger]" in a caption becomes it
     masks: str = "auto"  # auto | folder | alpha | none (see files.py)
     control_folder: str = ""  # subfolder of same-stem control images for edit training (Kontext, Flux.2); "" = none
     cache_latents_to_disk: bool = True  # latent and text-embedding caches under cache_dir
@@ -72,6 +77,14 @@ class DataConfig:
             raise ValueError(f"default_caption must be a string, got {self.default_caption!r}")
         if not isinstance(self.caption_separator, str) or not self.caption_separator:
             raise ValueError(f"caption_separator must be a non-empty string, got {self.caption_separator!r}")
+        for name in ("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator",
+                     "trigger_word"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"data option {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("keep_tokens_separator", "secondary_separator"):
+            if getattr(self, name) and getattr(self, name).strip() in ("", self.caption_separator.strip()):
+                raise ValueError(f"data option {name} {getattr(self, name)!r} must differ from caption_separator "
+                                 f"{self.caption_separator!r} and not be blank (kohya uses '|||' and ';;;')")
         dropout = self.caption_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout!r}")

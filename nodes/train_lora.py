@@ -61,6 +61,7 @@ def train_config(widgets: dict, extra_options: str) -> TrainConfig:
         **({"guidance": widgets["guidance"]} if "guidance" in widgets else {}),
         **({"validation_split": widgets["validation_split"]} if "validation_split" in widgets else {}),
         **({"validation": {"every": widgets["validate_every"]}} if "validate_every" in widgets else {}),
+        **({"preservation": {"dop_weight": widgets["dop_weight"]}} if "dop_weight" in widgets else {}),
     }
     if extra_options.strip():
         try:
@@ -211,6 +212,15 @@ class TrainLoRA:
                 "vae": ("VAE", {"tooltip": "Decode previews with this VAE instead of the dataset's."}),
                 "validation": (DITT_DATASET, {"tooltip": "Held-out images (a second DatasetFromFolder) for the "
                                                          "validation loss, the orange series of the chart."}),
+                "regularisation": (DITT_DATASET, {"tooltip": "Class images (a second DatasetFromFolder) that "
+                                                             "alternate with the training batches to keep the "
+                                                             "class's look (kohya reg images); their loss weight is "
+                                                             "preservation.reg_weight in extra_options (1.0)."}),
+                "dop_weight": ("FLOAT", {"default": d.preservation.dop_weight, "min": 0.0, "max": 100.0, "step": 0.05,
+                                         "tooltip": "Differential output preservation: on the captions with the "
+                                                    "trigger word replaced by the dataset's class_word, pull the "
+                                                    "adapter's prediction to the base's (ai-toolkit). Needs "
+                                                    "trigger_word and class_word on DatasetFromFolder. 0 = off."}),
                 "validate_every": ("INT", {"default": 50, "min": 0, "max": 1_000_000,
                                            "tooltip": "Validation loss every N steps, at the start and the end, when "
                                                       "there are held-out images (validation input or "
@@ -226,14 +236,16 @@ class TrainLoRA:
     @outside_inference_mode  # training needs autograd
     def run(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, name: str, sample_prompts: str,
             resume: bool, extra_options: str = "", sample_conditioning=None, vae=None, validation=None,
-            unique_id=None, **widgets):
+            regularisation=None, unique_id=None, **widgets):
         run_name = host.safe_name(name, "TrainLoRA name")
         run_dir = host.pack_output_dir() / run_name
         cfg = train_config(widgets, extra_options)
         cfg.gradient_checkpointing = model.gradient_checkpointing
         specs = previews_for(model, dataset, sample_prompts, sample_conditioning, vae, cfg.seed) if cfg.sample_every else []
-        settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, dataset.fingerprint,
-                                network.init_from)
+        identity = dataset.fingerprint  # the class images shape the weights too
+        if regularisation is not None:
+            identity += f"+reg:{regularisation.fingerprint}"
+        settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, identity, network.init_from)
         training_adapter = None
         if network.training_adapter is not None:
             training_adapter = TrainingAdapter(model.model, model.architecture, network.training_adapter,
@@ -242,11 +254,12 @@ class TrainLoRA:
         with run_lock(run_dir, "TrainLoRA name"):
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
-                               training_adapter, validation)
+                               training_adapter, validation, regularisation)
 
     def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
                specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str,
-               training_adapter: TrainingAdapter | None, validation: TrainingSet | None):
+               training_adapter: TrainingAdapter | None, validation: TrainingSet | None,
+               regularisation: TrainingSet | None):
         run_dir = run.run_dir
         metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
@@ -283,7 +296,8 @@ class TrainLoRA:
             result = train(model.model, lora, dataset.data, cfg, on_progress, specs, should_stop=host.interrupted,
                            run_dir=run_dir, resume_from=run_dir if run.continuing else None,
                            adapter_metadata=metadata, settings=settings, training_adapter=training_adapter,
-                           validation_data=None if validation is None else validation.data)
+                           validation_data=None if validation is None else validation.data,
+                           regularisation_data=None if regularisation is None else regularisation.data)
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)

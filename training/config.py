@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .losses import LossConfig
 from .noise import NoiseConfig
+from .preservation import PreservationConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
 from .validation import ValidationConfig
@@ -35,6 +36,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # noise offset, multires noise (noise.py)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)  # DOP, reg images
     guidance: float = 1.0  # distilled guidance a guidance-embedded model (Flux.1-dev) sees while training (musubi: 1.0)
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
@@ -54,6 +56,8 @@ class TrainConfig:
             self.loss = LossConfig(**self.loss)
         if isinstance(self.timesteps, dict):
             self.timesteps = TimestepConfig(**self.timesteps)
+        if isinstance(self.preservation, dict):
+            self.preservation = PreservationConfig(**self.preservation)
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
         if isinstance(self.validation, dict):
@@ -72,7 +76,8 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.validation_split < 1.0:
-            raise ValueError(f"train option validation_split must be in [0, 1) (0: no split), got {self.validation_split}")
+            raise ValueError(f"train option validation_split must be in [0, 1) (0: no split), "
+                             f"got {self.validation_split}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train option mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 

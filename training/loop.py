@@ -63,6 +63,7 @@ from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
 from .noise import training_noise
+from .preservation import WithRegularisation, check_class_prompts, dop_loss
 from .timesteps import TimestepPool, sample_sigmas
 from .validation import due, fixed_examples, holdout_split, validation_loss, write_series
 
@@ -227,9 +228,9 @@ class _Run:
     """The state of one `train()` call; its methods are the loop's steps, in the order they run."""
 
     def __init__(self, model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-                 adapter_metadata, settings, training_adapter, validation_data=None):
+                 adapter_metadata, settings, training_adapter, validation_data=None, regularisation_data=None):
         self.model, self.trainable, self.data, self.cfg = model, trainable, data, cfg
-        self.validation_data = validation_data
+        self.validation_data, self.regularisation_data = validation_data, regularisation_data
         self.on_progress, self.specs, self.should_stop = on_progress, _as_list(previews), should_stop
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.resume_from, self.adapter_metadata = resume_from, adapter_metadata
@@ -274,7 +275,7 @@ class _Run:
                     if cfg.ema_decay else None)
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
-        self.set_up_validation()
+        self.set_up_data()
         self.timestep_pool = (TimestepPool(cfg.timesteps.num_buckets, cfg.seed, cfg.batch_size, len(self.data))
                               if cfg.timesteps.num_buckets > 1 else None)
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
@@ -282,8 +283,9 @@ class _Run:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
                                     spec.cfg, self.accelerator.device, spec.label)
 
-    def set_up_validation(self) -> None:
-        """Held-out examples (validation.py): a seeded split of the training data, or a separate dataset."""
+    def set_up_data(self) -> None:
+        """Held-out examples (validation.py): a seeded split of the training data, or a separate dataset;
+        then the regularisation images alternate with what is left (preservation.py)."""
         cfg, held_out = self.cfg, self.validation_data
         if cfg.validation_split > 0:
             if held_out is not None:
@@ -295,6 +297,8 @@ class _Run:
             raise ValueError("held-out validation data is given but validation every is 0; set validation every "
                              "(TrainLoRA validate_every, [train.validation] every) to the steps between evaluations")
         self.validation_examples = [] if held_out is None else fixed_examples(held_out, cfg.validation.max_examples)
+        if self.regularisation_data is not None:
+            self.data = WithRegularisation(self.data, self.regularisation_data, cfg.preservation.reg_weight)
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
@@ -405,7 +409,8 @@ class _Run:
         x0 = batch.latents.to(accelerator.device)
         noise = training_noise(x0.shape, cfg.noise, self.noise_rng).to(accelerator.device)
         n_tokens = image_tokens(self.model, x0.shape[-2:])  # resolution-dependent shifts count these
-        pooled = None if self.timestep_pool is None else self.timestep_pool.uniforms(self.micro_batches - 1, x0.shape[0])
+        pool = self.timestep_pool  # stratified draws per epoch (timesteps.py) or None
+        pooled = None if pool is None else pool.uniforms(self.micro_batches - 1, x0.shape[0])
         sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng, pooled).to(accelerator.device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
@@ -413,7 +418,11 @@ class _Run:
         with accelerator.accumulate(self.trainable), accelerator.autocast():
             pred = self.model(noisy, sigma, **cond.model_inputs(self.model))
             weights = None if batch.weights is None else batch.weights.to(accelerator.device)
-            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma)
+            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma) * batch.loss_scale
+            if cfg.preservation.dop_weight > 0 and not batch.regularisation:
+                class_cond = check_class_prompts(batch).with_guidance(cfg.guidance).to(accelerator.device)
+                loss = loss + cfg.preservation.dop_weight * dop_loss(self.model, self.trainable, noisy, sigma,
+                                                                     class_cond)
             if not torch.isfinite(loss):
                 # A NaN / inf batch must not reach the weights; skip it and stop if it persists.
                 self.result.skipped_nonfinite += 1
@@ -563,6 +572,7 @@ def train(
     settings: dict | None = None,
     training_adapter: TrainingAdapter | None = None,
     validation_data: TrainingData | None = None,
+    regularisation_data: TrainingData | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to `cfg.steps`.
 
@@ -575,10 +585,12 @@ def train(
     It is merged into the base for the training steps only (previews and the trainable's
     files never see it). On return the trainable holds its final weights (schedule-free:
     the eval weights). `validation_data` holds examples out for the validation loss
-    (validation.py; or cfg.validation_split splits them off `data`).
+    (validation.py; or cfg.validation_split splits them off `data`). `regularisation_data`
+    (class images) alternates with the training batches, its loss scaled by
+    cfg.preservation.reg_weight (preservation.py).
     """
     run = _Run(model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-               adapter_metadata, settings, training_adapter, validation_data)
+               adapter_metadata, settings, training_adapter, validation_data, regularisation_data)
     with signals.active_run():
         run.set_up()
         if resume_from is not None:

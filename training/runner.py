@@ -146,8 +146,10 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
         encoders = encoders_for(cfg, model)
         folder = dataset_folder(cfg)
         data_cfg = DataConfig(**cfg.data.options)
+        reg_identity = ([dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoders.encoder_id)]
+                        if cfg.data.reg_folder else [])  # the class images shape the weights too
         identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
-                                       cfg.data.mask_min_weight)
+                                       cfg.data.mask_min_weight, *reg_identity)
         settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
                                 cfg.network.continue_from or None)
         training_adapter = None
@@ -170,17 +172,21 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
         data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
-        held_out = None
+        held_out = regularisation = None
         if cfg.train.validation.folder:  # held-out images, read with the training folder's [data] options
             held_out = dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,
                                        model.cfg.patch_size)
             log.info("validation set %s:\n%s", cfg.train.validation.folder, held_out.summary())
+        if cfg.data.reg_folder:
+            regularisation = dataset_for_run(Path(cfg.data.reg_folder), data_cfg, cfg, encoders, model.cfg.patch_size)
+            log.info("regularisation images %s:\n%s", cfg.data.reg_folder, regularisation.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
         result = train(
             model, network, data, cfg.train, on_progress, build_previews(cfg, encoders, model.cfg.patch_size),
             run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
             settings=settings, training_adapter=training_adapter, validation_data=held_out,
+            regularisation_data=regularisation,
         )
         adapter_path = ema_path = None
         if not result.stopped_early:

@@ -89,6 +89,11 @@ def with_trigger(text: str, trigger_word: str) -> str:
     return f"{trigger_word}, {text}" if text else trigger_word
 
 
+def class_prompt(caption: str, cfg: DataConfig) -> str:
+    """A processed caption with the trigger word replaced by the class word (differential output preservation)."""
+    return caption.replace(cfg.trigger_word, cfg.class_word)
+
+
 def process_caption(caption: str, cfg: DataConfig, generator: torch.Generator) -> str:
     """One training draw of `caption` (see the module docstring for the order of steps)."""
     if cfg.caption_dropout > 0 and float(torch.rand((), generator=generator)) < cfg.caption_dropout:

@@ -34,6 +34,7 @@ class DataConfig:
     keep_tokens_separator: str = ""  # "fixed ||| shuffled ||| fixed suffix" (kohya's, e.g. "|||"); "" = off
     secondary_separator: str = ""  # joins words into one shuffle piece, becomes ", " (kohya's, e.g. ";;;")
     trigger_word: str = ""  # put in front of captions that lack it; "[trigger]" in a caption becomes it
+    class_word: str = ""  # replaces the trigger in the class prompts of differential output preservation
     masks: str = "auto"  # auto | folder | alpha | none (see files.py)
     control_folder: str = ""  # subfolder of same-stem control images for edit training (Kontext, Flux.2); "" = none
     cache_latents_to_disk: bool = True  # latent and text-embedding caches under cache_dir
@@ -78,9 +79,12 @@ class DataConfig:
         if not isinstance(self.caption_separator, str) or not self.caption_separator:
             raise ValueError(f"caption_separator must be a non-empty string, got {self.caption_separator!r}")
         for name in ("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator",
-                     "trigger_word"):
+                     "trigger_word", "class_word"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"data option {name} must be a string, got {getattr(self, name)!r}")
+        if self.class_word and not self.trigger_word:
+            raise ValueError(f"class_word {self.class_word!r} replaces the trigger word in the class prompts; "
+                             "set trigger_word too (e.g. trigger_word 'ohwx', class_word 'man')")
         for name in ("keep_tokens_separator", "secondary_separator"):
             if getattr(self, name) and getattr(self, name).strip() in ("", self.caption_separator.strip()):
                 raise ValueError(f"data option {name} {getattr(self, name)!r} must differ from caption_separator "

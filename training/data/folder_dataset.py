@@ -31,7 +31,7 @@ from ..size_checks import check_latent_cache, check_upscale
 from ..storage import finite_or_raise
 from .buckets import ImageTooSmall, Placement, Size, cover, place_image
 from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
-from .captions import fixed_caption, process_caption
+from .captions import class_prompt, fixed_caption, process_caption
 from .config import DataConfig
 from .files import ImageFile, name_list, scan_folder
 from .images import IMAGE_EXTENSIONS, decode_image, decode_mask, fit_to_bucket, read_info
@@ -315,8 +315,9 @@ class FolderDataset:
         # Captions that never change are encoded now, so training needs the text encoder
         # only for shuffled / dropped / wildcard variants.
         fixed = list(dict.fromkeys(
-            (caption, e.file.controls if text_reads_controls else ())
-            for e in encoded if (caption := fixed_caption(e.file.caption, cfg)) is not None))
+            (variant, e.file.controls if text_reads_controls else ())
+            for e in encoded if (caption := fixed_caption(e.file.caption, cfg)) is not None
+            for variant in ((caption, class_prompt(caption, cfg)) if cfg.class_word else (caption,))))
         for start in range(0, len(fixed), _TEXT_ENCODE_CHUNK):
             chunk = fixed[start : start + _TEXT_ENCODE_CHUNK]
             text_cache.get([caption for caption, _ in chunk], [controls for _, controls in chunk])
@@ -373,12 +374,18 @@ class FolderDataset:
 
     def _batch(self, members: list[int], caption_rng: torch.Generator) -> LatentBatch:
         captions = [process_caption(self.items[i].caption, self.cfg, caption_rng) for i in members]
+        references = tuple(torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))
+        controls = [self._text_controls[i] for i in members]
+
+        def conditioning(texts: list[str]) -> Conditioning:
+            return dataclasses.replace(Conditioning.collate(self._text.get(texts, controls)),
+                                       reference_latents=references)
+
         return LatentBatch(
             latents=torch.stack([self._latents[i] for i in members]),  # (B, C, h, w)
-            cond=dataclasses.replace(Conditioning.collate(self._text.get(captions, [self._text_controls[i] for i in members])),
-                                     reference_latents=tuple(
-                torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))),
+            cond=conditioning(captions),
             weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
+            class_cond=conditioning([class_prompt(c, self.cfg) for c in captions]) if self.cfg.class_word else None,
         )
 
     def preview_references(self) -> tuple[torch.Tensor, ...]:

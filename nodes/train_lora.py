@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from ..training.advisor import run_advice
 from ..training.config import TrainConfig
 from ..training.loop import PreviewSpec, save_trained_adapter, train
 from ..training.losses import HUBER_SCHEDULES, LOSSES
@@ -251,15 +252,19 @@ class TrainLoRA:
             training_adapter = TrainingAdapter(model.model, model.architecture, network.training_adapter,
                                                network.training_adapter_strength)
             settings = training_adapter.recorded_in(settings)
+        advice = [] if model.demo else run_advice(model.architecture, cfg, network.config,
+                                                 dataset.data.item_count(), dataset.data.cfg.resolution)
+        for line in advice:  # warnings, never errors: the user may know better
+            log.warning("TrainLoRA %s: %s", run_name, line)
         with run_lock(run_dir, "TrainLoRA name"):
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
-                               training_adapter, validation, regularisation)
+                               training_adapter, validation, regularisation, advice)
 
     def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
                specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str,
                training_adapter: TrainingAdapter | None, validation: TrainingSet | None,
-               regularisation: TrainingSet | None):
+               regularisation: TrainingSet | None, advice: list[str]):
         run_dir = run.run_dir
         metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
@@ -310,6 +315,7 @@ class TrainLoRA:
         curve = loss_curve(result.losses, title=f"{run_name} training loss", validation=validation_points)
         save_png(curve, run_dir / "samples" / "loss.png")
         ui = {"dit_trainer_losses": loss_points(result.losses), "dit_trainer_samples": samples,
-              "dit_trainer_saved": [path.name], "dit_trainer_validation": [list(p) for p in validation_points]}
+              "dit_trainer_saved": [path.name], "dit_trainer_validation": [list(p) for p in validation_points],
+              "dit_trainer_advice": advice}
         trained = TrainedLora(Path(path), model.architecture, model.base_hash, run_dir)
         return {"ui": ui, "result": (trained, str(path), pil_to_image([curve]))}

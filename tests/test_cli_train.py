@@ -105,7 +105,7 @@ def test_readme_example_config_is_valid():
     assert len(parse_prompts(cfg.sample.prompts)) == 2
 
 
-def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
+def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path, caplog):
     """The CLI has no VAE / text encoder of a real model: it trains from DatasetFromFolder's caches."""
     import torch.nn.functional as F
     from data_helpers import write_image
@@ -153,6 +153,10 @@ def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
         name = "real"
     """))
     assert main(["train", str(config)]) == 0
+    # The advisor warns about this toy run's settings (a real model at 64 px, 2 passes per image).
+    advice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings advisor")]
+    assert any("resolution 64 is outside 256-2048" in a for a in advice)
+    assert any("shows each image only 2.0 times" in a for a in advice)
     tensors, meta = read_safetensors(tmp_path / "runs" / "real" / "real.safetensors")
     assert meta["ss_steps"] == "2" and any(k.startswith("diffusion_model.layers.0.") for k in tensors)
 

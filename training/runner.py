@@ -38,6 +38,7 @@ from .run_config import DEMO, RunConfig
 from .run_folder import RUN_ID_KEY, PreparedRun, prepare_run, read_record, record_run, run_lock
 from .run_settings import run_settings
 from .storage import OUTPUT_FIX
+from .advisor import run_advice
 from .validation import as_points
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,10 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
         data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
+        if cfg.model.checkpoint != DEMO:  # the tiny demo model is not held to real models' recipes
+            for advice in run_advice(model.architecture, cfg.train, cfg.network.config, data.item_count(),
+                                     data_cfg.resolution):
+                log.warning("settings advisor: %s", advice)
         held_out = regularisation = None
         if cfg.train.validation.folder:  # held-out images, read with the training folder's [data] options
             held_out = dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,

@@ -99,8 +99,9 @@ def test_readme_example_config_is_valid():
     from dit_trainer.training.run_config import parse_run_config
 
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
-    cfg = parse_run_config(tomllib.loads(block))
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    configs = [parse_run_config(tomllib.loads(block)) for block in blocks]  # every example in the README parses
+    (cfg,) = [c for c, block in zip(configs, blocks) if "[network]" in block]
     assert cfg.network.config.algo == "dora" and cfg.train.ema_decay == 0.99
     assert len(parse_prompts(cfg.sample.prompts)) == 2
 

@@ -80,6 +80,7 @@ def test_validation_loss_rises_when_overfitting_another_distribution():
     cfg = config(steps=60, lr=2e-2, ema_decay=0.0, validation=ValidationConfig(every=20))
     result = train(model, network, train_data, cfg, validation_data=held_out(4, offset=-2.0, seed=2))
     losses = [r["loss"] for r in result.validation]
+    print(f"held-out validation loss by step {[r['step'] for r in result.validation]}: {[f'{v:.4f}' for v in losses]}")
     assert sum(result.losses[-10:]) / 10 < 0.9 * sum(result.losses[:10]) / 10  # it does fit the training data
     assert losses[-1] > 1.1 * losses[0], losses  # and the held-out loss rises by more than 10%
 

@@ -56,14 +56,14 @@ from .losses import flow_loss
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
 from .network.training_adapter import TrainingAdapter
+from .noise import training_noise
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
+from .preservation import WithRegularisation, check_class_prompts, dop_loss
 from .progress import ProgressCallback, ProgressEvent, StepClock
 from .run_settings import FREE, resume_changes, run_settings
 from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
-from .noise import training_noise
-from .preservation import WithRegularisation, check_class_prompts, dop_loss
 from .timesteps import TimestepPool, sample_sigmas
 from .validation import due, fixed_examples, holdout_split, validation_loss, write_series
 
@@ -490,7 +490,8 @@ class _Run:
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None and vcfg.use_ema \
                 else contextlib.nullcontext()
-            # fork_rng: whatever the model draws from the global generator stays out of the training run.
+            # fork_rng: whatever the model draws from the global generator stays out of the training run. A
+            # training adapter stays merged, as for the training loss the validation loss is compared with.
             with _eval_view(self.raw_optimizer, self.params), ema_weights, torch.random.fork_rng(devices=[]):
                 record = validation_loss(self.model, self.validation_examples, vcfg.sigmas, vcfg.seed,
                                          self.accelerator.device, self.cfg.guidance, self.accelerator.autocast)

@@ -64,18 +64,19 @@ class Splittable(Protocol):
     def subset(self, indices: list[int]): ...
 
 
-def holdout_split(data: Splittable, fraction: float, seed: int) -> tuple[object, object]:
+def holdout_split(data: Splittable, fraction: float, seed: int) -> tuple[Splittable, Splittable]:
     """(training part, held-out part): round(fraction * images) images picked by `seed`, at least one each."""
     n = data.item_count()
-    held = min(n - 1, max(1, round(fraction * n)))
     if n < 2:
         raise ValueError(f"validation_split {fraction} needs at least 2 images to hold one out; the dataset has {n}")
+    held = min(n - 1, max(1, round(fraction * n)))
     order = torch.randperm(n, generator=seeded_generator(seed, SPLIT_PURPOSE, 0)).tolist()
     return data.subset(sorted(order[held:])), data.subset(sorted(order[:held]))
 
 
 def fixed_examples(data, max_examples: int) -> list[LatentBatch]:
-    """One-row batches of the held-out data, the same on every call and run (a fixed-seed order)."""
+    """One-row batches of the held-out data (a `TrainingData`), the same on every call and run: the data's own
+    stream at a fixed seed, so its order and any caption processing are fixed too."""
     stream = data.batches(1, seed=0)
     return [next(stream) for _ in range(min(len(data), max_examples))]
 

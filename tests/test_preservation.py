@@ -39,7 +39,7 @@ def test_dop_loss_is_zero_for_an_adapter_that_changes_nothing():
         for adapter in network.adapters:
             adapter.lora_B.normal_(0, 0.1)
     loss = dop_loss(model, network, noisy, sigma, cls)
-    assert float(loss) > 0
+    assert loss.item() > 0
     loss.backward()  # the gradient reaches the adapter; the base side has none
     assert all(a.lora_B.grad is not None for a in network.adapters)
     assert all(a.enabled for a in network.adapters), "the adapter is enabled again after the base pass"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+from ..training.advisor import network_advice
 from ..training.network.file_config import config_for_file
 from ..training.network.lora import DORA_AXES, INITS
 from ..training.network.network import ALGOS, NetworkConfig, select
 from . import host
 from .sockets import CATEGORY, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec
 
+log = logging.getLogger(__name__)
 NO_FILE = "None"
 _DEFAULTS = NetworkConfig()
 
@@ -161,4 +165,7 @@ class BuildLoRANetwork:
         if adapter_file is not None:
             config_for_file(model.model, model.architecture, adapter_file)  # a file for another model fails here
             summary += f"; training adapter {training_adapter} at {training_adapter_strength:g}"
+        for advice in [] if model.demo else network_advice(model.architecture, cfg.rank):
+            log.warning("BuildLoRANetwork: %s", advice)
+            summary += f"\nwarning: {advice}"
         return (LoraNetworkSpec(cfg, init_from, adapter_file, training_adapter_strength), summary)

@@ -113,6 +113,38 @@ class DatasetFromFolder:
                     "tooltip": "Qwen-Image-Edit reads the control image with the caption: encode captions as the "
                                "node you will prompt with does (Plus for Edit-2509 / 2511, the plain node for the "
                                "first Edit). Other models ignore it."}),
+                "trigger_word": ("STRING", {"default": d.trigger_word,
+                                            "tooltip": "Put in front of every caption that lacks it (after "
+                                                       "shuffling, so it stays first); [trigger] in a caption "
+                                                       "becomes it. Empty: off."}),
+                "caption_prefix": ("STRING", {"default": d.caption_prefix,
+                                              "tooltip": "Text added before every caption (kohya caption_prefix)."}),
+                "caption_suffix": ("STRING", {"default": d.caption_suffix,
+                                              "tooltip": "Text added after every caption (kohya caption_suffix)."}),
+                "keep_tokens_separator": ("STRING", {"default": d.keep_tokens_separator,
+                                                     "tooltip": "e.g. |||: 'fixed ||| shuffled ||| fixed end' keeps "
+                                                                "the first and last parts in place when shuffling."}),
+                "secondary_separator": ("STRING", {"default": d.secondary_separator,
+                                                   "tooltip": "e.g. ;;;: words joined by it shuffle as one piece "
+                                                              "and become ', ' in the caption."}),
+                "class_word": ("STRING", {"default": d.class_word,
+                                          "tooltip": "Differential output preservation (TrainLoRA dop_weight): the "
+                                                     "word that replaces trigger_word in the class prompts, e.g. "
+                                                     "'man'. Empty: off."}),
+                "augment_variants": ("INT", {"default": d.augment_variants, "min": 0, "max": 64,
+                                             "tooltip": "Augmented copies of each image, each encoded once and "
+                                                        "cached under its own key; every draw picks one. 0 = no "
+                                                        "augmentation. Costs one VAE pass and one latent per copy."}),
+                "flip_aug": ("BOOLEAN", {"default": d.flip_aug,
+                                         "tooltip": "Augmented copies flip left-right half of the time (not for "
+                                                    "subjects whose sides differ, e.g. text or asymmetric logos)."}),
+                "random_crop_scale": ("FLOAT", {"default": d.random_crop_scale, "min": 0.1, "max": 1.0, "step": 0.01,
+                                                "tooltip": "Augmented copies crop a window of this to 1.0 of the "
+                                                           "side and scale it back up; 1.0 = no crop. Not with "
+                                                           "masks."}),
+                "color_jitter": ("FLOAT", {"default": d.color_jitter, "min": 0.0, "max": 0.9, "step": 0.01,
+                                           "tooltip": "Augmented copies scale brightness, contrast and saturation "
+                                                      "by 1 +- this; 0 = none."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder (not needed for the embedded demo)."}),
                 "vae": ("VAE", {"tooltip": "The model's VAE (not needed for the embedded demo)."}),
             },

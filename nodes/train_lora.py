@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from ..training.advisor import run_advice
 from ..training.config import TrainConfig
 from ..training.loop import PreviewSpec, save_trained_adapter, train
 from ..training.losses import HUBER_SCHEDULES, LOSSES
@@ -25,6 +26,7 @@ from ..training.run_folder import RUN_ID_KEY, PreparedRun, free_adapter_path, pr
 from ..training.run_settings import run_settings
 from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
+from ..training.validation import as_points
 from . import host
 from .comfy_io import conditioning_record, pil_to_image, vae_latent_decoder
 from .inference_mode import outside_inference_mode
@@ -58,6 +60,9 @@ def train_config(widgets: dict, extra_options: str) -> TrainConfig:
         "loss": {"kind": widgets["loss"], "huber_c": widgets["huber_c"]},
         "timesteps": {"method": widgets["timestep_sampling"], "discrete_flow_shift": widgets["discrete_flow_shift"]},
         **({"guidance": widgets["guidance"]} if "guidance" in widgets else {}),
+        **({"validation_split": widgets["validation_split"]} if "validation_split" in widgets else {}),
+        **({"validation": {"every": widgets["validate_every"]}} if "validate_every" in widgets else {}),
+        **({"preservation": {"dop_weight": widgets["dop_weight"]}} if "dop_weight" in widgets else {}),
     }
     if extra_options.strip():
         try:
@@ -119,7 +124,7 @@ class TrainLoRA:
     OUTPUT_TOOLTIPS = (
         "The trained adapter (for SampleWithLoRA / EMAMerge).",
         "Full path of the saved adapter file in models/loras.",
-        "Per-step loss and its moving average.",
+        "Per-step loss and its moving average (and the validation loss, when there is one).",
     )
     OUTPUT_NODE = True  # it writes a file, like SaveImage: it runs even when nothing uses its outputs
     FUNCTION = "run"
@@ -206,33 +211,60 @@ class TrainLoRA:
                                                         "\"timesteps\": {\"min_sigma\": 0.1}}."}),
                 "sample_conditioning": ("CONDITIONING", {"tooltip": "An extra preview from this conditioning."}),
                 "vae": ("VAE", {"tooltip": "Decode previews with this VAE instead of the dataset's."}),
+                "validation": (DITT_DATASET, {"tooltip": "Held-out images (a second DatasetFromFolder) for the "
+                                                         "validation loss, the orange series of the chart."}),
+                "regularisation": (DITT_DATASET, {"tooltip": "Class images (a second DatasetFromFolder) that "
+                                                             "alternate with the training batches to keep the "
+                                                             "class's look (kohya reg images); their loss weight is "
+                                                             "preservation.reg_weight in extra_options (1.0)."}),
+                "dop_weight": ("FLOAT", {"default": d.preservation.dop_weight, "min": 0.0, "max": 100.0, "step": 0.05,
+                                         "tooltip": "Differential output preservation: on the captions with the "
+                                                    "trigger word replaced by the dataset's class_word, pull the "
+                                                    "adapter's prediction to the base's (ai-toolkit). Needs "
+                                                    "trigger_word and class_word on DatasetFromFolder. 0 = off."}),
+                "validate_every": ("INT", {"default": 50, "min": 0, "max": 1_000_000,
+                                           "tooltip": "Validation loss every N steps, at the start and the end, when "
+                                                      "there are held-out images (validation input or "
+                                                      "validation_split): fixed sigmas and noise, so it is "
+                                                      "comparable across runs. 0 = off."}),
+                "validation_split": ("FLOAT", {"default": d.validation_split, "min": 0.0, "max": 0.9, "step": 0.01,
+                                               "tooltip": "Fraction of the dataset's images held out of training "
+                                                          "for the validation loss (picked by the seed); 0 = none."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @outside_inference_mode  # training needs autograd
     def run(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, name: str, sample_prompts: str,
-            resume: bool, extra_options: str = "", sample_conditioning=None, vae=None, unique_id=None, **widgets):
+            resume: bool, extra_options: str = "", sample_conditioning=None, vae=None, validation=None,
+            regularisation=None, unique_id=None, **widgets):
         run_name = host.safe_name(name, "TrainLoRA name")
         run_dir = host.pack_output_dir() / run_name
         cfg = train_config(widgets, extra_options)
         cfg.gradient_checkpointing = model.gradient_checkpointing
         specs = previews_for(model, dataset, sample_prompts, sample_conditioning, vae, cfg.seed) if cfg.sample_every else []
-        settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, dataset.fingerprint,
-                                network.init_from)
+        identity = dataset.fingerprint  # the class images shape the weights too
+        if regularisation is not None:
+            identity += f"+reg:{regularisation.fingerprint}"
+        settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, identity, network.init_from)
         training_adapter = None
         if network.training_adapter is not None:
             training_adapter = TrainingAdapter(model.model, model.architecture, network.training_adapter,
                                                network.training_adapter_strength)
             settings = training_adapter.recorded_in(settings)
+        advice = [] if model.demo else run_advice(model.architecture, cfg, network.config,
+                                                 dataset.data.item_count(), dataset.data.cfg.resolution)
+        for line in advice:  # warnings, never errors: the user may know better
+            log.warning("TrainLoRA %s: %s", run_name, line)
         with run_lock(run_dir, "TrainLoRA name"):
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
-                               training_adapter)
+                               training_adapter, validation, regularisation, advice)
 
     def _train(self, model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
                specs: list[PreviewSpec], settings: dict, run: PreparedRun, run_name: str, node: str,
-               training_adapter: TrainingAdapter | None):
+               training_adapter: TrainingAdapter | None, validation: TrainingSet | None,
+               regularisation: TrainingSet | None, advice: list[str]):
         run_dir = run.run_dir
         metadata = {"ss_output_name": run_name, "dit_trainer_dataset": dataset.summary, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
@@ -243,7 +275,8 @@ class TrainLoRA:
         def on_progress(event: ProgressEvent) -> None:
             loss = event.loss if math.isfinite(event.loss) else None  # JSON has no NaN
             host.send("dit_trainer.progress", {"node": node, "step": event.step, "total": event.total, "loss": loss,
-                                               "lr": event.lr, "eta_s": event.eta_s, "elapsed_s": event.elapsed_s})
+                                               "lr": event.lr, "eta_s": event.eta_s, "elapsed_s": event.elapsed_s,
+                                               "validation": [[s, v] for s, v in event.validation if math.isfinite(v)]})
             if event.previews:
                 for i, image in enumerate(event.previews):
                     save_png(image, run_dir / "samples" / f"step_{event.step:06d}_{i:02d}.png")
@@ -267,7 +300,9 @@ class TrainLoRA:
                     log.warning("TrainLoRA: %s", warning)
             result = train(model.model, lora, dataset.data, cfg, on_progress, specs, should_stop=host.interrupted,
                            run_dir=run_dir, resume_from=run_dir if run.continuing else None,
-                           adapter_metadata=metadata, settings=settings, training_adapter=training_adapter)
+                           adapter_metadata=metadata, settings=settings, training_adapter=training_adapter,
+                           validation_data=None if validation is None else validation.data,
+                           regularisation_data=None if regularisation is None else regularisation.data)
             if result.stopped_early:
                 host.raise_interrupted()  # the checkpoint is already on disk
             progress.update(cfg.steps, cfg.steps)
@@ -276,9 +311,11 @@ class TrainLoRA:
         finally:
             lora.detach_from_model()
 
-        curve = loss_curve(result.losses, title=f"{run_name} training loss")
+        validation_points = as_points(result.validation)
+        curve = loss_curve(result.losses, title=f"{run_name} training loss", validation=validation_points)
         save_png(curve, run_dir / "samples" / "loss.png")
         ui = {"dit_trainer_losses": loss_points(result.losses), "dit_trainer_samples": samples,
-              "dit_trainer_saved": [path.name]}
+              "dit_trainer_saved": [path.name], "dit_trainer_validation": [list(p) for p in validation_points],
+              "dit_trainer_advice": advice}
         trained = TrainedLora(Path(path), model.architecture, model.base_hash, run_dir)
         return {"ui": ui, "result": (trained, str(path), pil_to_image([curve]))}

@@ -1,5 +1,6 @@
 """`dit-trainer train / resume / ema-merge` on the embedded demo model, end to end."""
 
+import json
 import textwrap
 
 import pytest
@@ -98,13 +99,14 @@ def test_readme_example_config_is_valid():
     from dit_trainer.training.run_config import parse_run_config
 
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
-    cfg = parse_run_config(tomllib.loads(block))
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    configs = [parse_run_config(tomllib.loads(block)) for block in blocks]  # every example in the README parses
+    (cfg,) = [c for c, block in zip(configs, blocks) if "[network]" in block]
     assert cfg.network.config.algo == "dora" and cfg.train.ema_decay == 0.99
     assert len(parse_prompts(cfg.sample.prompts)) == 2
 
 
-def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
+def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path, caplog):
     """The CLI has no VAE / text encoder of a real model: it trains from DatasetFromFolder's caches."""
     import torch.nn.functional as F
     from data_helpers import write_image
@@ -152,6 +154,10 @@ def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
         name = "real"
     """))
     assert main(["train", str(config)]) == 0
+    # The advisor warns about this toy run's settings (a real model at 64 px, 2 passes per image).
+    advice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings advisor")]
+    assert any("resolution 64 is outside 256-2048" in a for a in advice)
+    assert any("shows each image only 2.0 times" in a for a in advice)
     tensors, meta = read_safetensors(tmp_path / "runs" / "real" / "real.safetensors")
     assert meta["ss_steps"] == "2" and any(k.startswith("diffusion_model.layers.0.") for k in tensors)
 
@@ -159,3 +165,12 @@ def test_real_model_trains_from_dataset_caches_without_encoders(tmp_path):
     (folder / "3.txt").write_text("photo number 3")
     with pytest.raises(ValueError, match="not found in the dataset cache"):
         run_training(load_run_config(config))
+
+
+def test_validation_split_in_the_cli(tmp_path, capsys):
+    config = write_config(tmp_path, steps=4, extra_train="validation_split = 0.25\n        validation = { every = 2 }")
+    assert main(["train", config]) == 0
+    run_dir = tmp_path / "runs" / "cli_demo"
+    records = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert f"validation loss {records[-1]['loss']:.4f} at step 4" in capsys.readouterr().out

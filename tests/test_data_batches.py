@@ -61,6 +61,15 @@ def test_start_gives_exactly_the_tail_of_the_full_sequence(folder, start):
     assert all(same(x, y) for x, y in zip(full[start:], tail))
 
 
+def test_start_is_exact_with_the_caption_options_dop_prompts_and_augmentation(folder):
+    cfg = memory_only(shuffle_caption=True, caption_prefix="photo,", caption_suffix="end", keep_tokens_separator="|||",
+                      secondary_separator=";;;", trigger_word="ohwx", class_word="cat", augment_variants=2,
+                      flip_aug=True, color_jitter=0.1)
+    full = take(build(folder, cfg, CountingEncoders()), 11, batch_size=2)
+    tail = take(build(folder, cfg, CountingEncoders()), 6, batch_size=2, start=5)
+    assert all(same(x, y) and torch.equal(x.class_cond.context, y.class_cond.context) for x, y in zip(full[5:], tail))
+
+
 def test_start_skips_batches_without_encoding_them(folder):
     cfg = memory_only(shuffle_caption=True)  # every caption is random: nothing is encoded up front
     encoders = CountingEncoders()

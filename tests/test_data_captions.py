@@ -108,3 +108,48 @@ def test_fixed_caption_is_none_exactly_when_a_draw_is_random():
     assert fixed_caption("a cat", DataConfig(caption_dropout=0.1)) is None
     # Whenever it is not None, it is what every draw gives.
     assert set(draws("{{literal}} braces", plain, n=5)) == {"{literal} braces"}
+
+
+def test_prefix_and_suffix_wrap_the_caption_and_stay_fixed():
+    cfg = DataConfig(caption_prefix="photo of", caption_suffix="high quality")
+    assert draws("a dog", cfg, n=3) == ["photo of a dog high quality"] * 3
+    assert fixed_caption("a dog", cfg) == "photo of a dog high quality"
+    # With shuffling the prefix is the first piece, so keep_tokens=1 keeps it in front.
+    shuffled = draws("a, b, c", DataConfig(caption_prefix="ohwx,", shuffle_caption=True, keep_tokens=1), n=200)
+    assert all(r.startswith("ohwx, ") for r in shuffled) and len(set(shuffled)) == 6
+
+
+def test_keep_tokens_separator_keeps_the_head_and_tail_and_shuffles_the_middle():
+    cfg = DataConfig(shuffle_caption=True, keep_tokens_separator="|||", keep_tokens=5)
+    results = draws("ohwx, man ||| a, b, c ||| masterpiece", cfg, n=600)
+    assert all(pieces(r)[:2] == ["ohwx", "man"] and pieces(r)[-1] == "masterpiece" for r in results)
+    assert {tuple(sorted(pieces(r)[2:5])) for r in results} == {("a", "b", "c")}
+    assert len(set(results)) == 6
+    # Without shuffling the separator is resolved, not left in the text.
+    assert fixed_caption("x ||| y, z", DataConfig(keep_tokens_separator="|||")) == "x, y, z"
+
+
+def test_secondary_separator_moves_words_as_one_piece():
+    cfg = DataConfig(shuffle_caption=True, secondary_separator=";;;")
+    results = draws("red;;;hat, b, c", cfg, n=600)
+    assert all("red, hat" in r for r in results)  # never split apart by the shuffle
+    assert len(set(results)) == 6
+    assert fixed_caption("a;;;b", DataConfig(secondary_separator=";;;")) == "a, b"
+
+
+def test_trigger_word_goes_first_once_and_fills_placeholders():
+    cfg = DataConfig(trigger_word="ohwx", shuffle_caption=True)
+    results = draws("a, b, c", cfg, n=300)
+    assert all(pieces(r)[0] == "ohwx" for r in results) and len(set(results)) == 6
+    plain = DataConfig(trigger_word="ohwx")
+    assert fixed_caption("photo of [trigger] man", plain) == "photo of ohwx man"
+    assert fixed_caption("ohwx on a beach", plain) == "ohwx on a beach"
+    assert fixed_caption("", plain) == "ohwx"
+    dropped = draws("a", DataConfig(trigger_word="ohwx", caption_dropout=1.0), n=5)
+    assert dropped == [""] * 5  # unconditional draws stay unconditional
+
+
+def test_defaults_leave_captions_as_before_and_bad_separators_are_refused():
+    assert fixed_caption("a ,b", DataConfig()) == "a ,b"  # not re-joined without shuffling
+    with pytest.raises(ValueError, match="must differ from caption_separator"):
+        DataConfig(keep_tokens_separator=",")

@@ -91,6 +91,14 @@ def test_the_mask_really_changes_what_is_learned(real_model):
     assert masked != uniform  # same data, noise and steps: only the loss weights differ
 
 
+def test_the_settings_advisor_warns_in_the_ui_without_stopping_the_run(real_model):
+    # A real model at 32 px for 2 steps: far from every recipe, so the advisor speaks; the run still trains.
+    run = real_model.execute(real_model_prompt())
+    advice = run.ui["9"]["dit_trainer_advice"]
+    assert any("resolution 32 is outside 256-2048" in line for line in advice), advice
+    assert run.ui["9"]["dit_trainer_saved"]
+
+
 def test_a_second_run_of_the_same_prompt_comes_from_the_cache(comfy_host, real_model):
     prompt = real_model_prompt()
     first = real_model.execute(prompt)

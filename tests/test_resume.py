@@ -157,3 +157,23 @@ def test_state_round_trip_keeps_int_keys_tuples_and_tensors(tmp_path):
 def test_missing_state_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(*fresh(NetworkConfig(rank=2)), run_config(steps=2, warmup_steps=0), resume_from=tmp_path)
+
+
+QUALITY_OPTIONS = dict(
+    noise={"offset": 0.05, "multires_iterations": 3, "multires_discount": 0.4},
+    loss={"weighting": "min_snr", "min_snr_gamma": 5.0},
+    timesteps={"method": "logit_normal", "num_buckets": 4},
+)
+
+
+@pytest.mark.parametrize("options", [QUALITY_OPTIONS, dict(loss={"weighting": "cosmap"},
+                                                          timesteps={"method": "mode", "num_buckets": 3})],
+                         ids=["offset-multires-minsnr-logitnormal-buckets", "cosmap-mode-buckets"])
+def test_resume_is_exact_with_loss_noise_and_timestep_options(tmp_path, options):
+    cfg = run_config(steps=12, **options)
+    model, network, data = fresh(LORA_WITH_DROPOUTS)
+    straight = train(model, network, data, cfg)
+    assert straight.losses != train(*fresh(LORA_WITH_DROPOUTS), run_config(steps=12)).losses  # the options act
+    resumed_network, resumed = interrupted_then_resumed(tmp_path, LORA_WITH_DROPOUTS, cfg, stop_after=5)
+    assert resumed.losses == straight.losses
+    assert_same_state(resumed_network.state_dict(), network.state_dict(), exact=True)

@@ -30,7 +30,7 @@ SMALL = {
     "SampleWithLoRA": {"steps": 2},
 }
 RUN = "demo_magenta_dora"  # the run name in the shipped workflow
-PROGRESS_KEYS = {"node", "step", "total", "loss", "lr", "eta_s", "elapsed_s"}
+PROGRESS_KEYS = {"node", "step", "total", "loss", "lr", "eta_s", "elapsed_s", "validation"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_demo_workflow_trains_previews_merges_and_samples(comfy_host, comfy_pack
 
     ui = run.ui[train]
     assert [p[0] for p in ui["dit_trainer_losses"]] == [1, 2, 3, 4]
+    assert all(m["validation"] == [] for m in progress) and ui["dit_trainer_validation"] == []  # nothing held out
     assert [s["step"] for s in ui["dit_trainer_samples"]] == [2, 4] and ui["dit_trainer_samples"][-1]["images"] == \
         samples[-1]["images"]
     assert "images" not in ui and ui["dit_trainer_saved"] == [f"{RUN}.safetensors"]  # one gallery, not two
@@ -151,3 +152,18 @@ def test_cancel_leaves_a_resumable_checkpoint_and_requeue_finishes_the_run(comfy
     assert reference.keys() == resumed.keys()
     diffs = {k: (reference[k] - resumed[k]).abs().max().item() for k in reference}
     assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_validation_split_reaches_the_web_view_and_the_run_folder(comfy_host, comfy_pack, demo_prompt):
+    prompt = json.loads(json.dumps(demo_prompt))
+    train = node_id(prompt, "TrainLoRA")
+    prompt[train]["inputs"].update(validation_split=0.25, validate_every=2, sample_every=0)
+    run = execute(upstream(prompt, train), comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
+    progress = comfy_host.events("dit_trainer.progress")
+    sent = [point for m in progress for point in m["validation"]]
+    assert [step for step, _ in sent] == [0, 2, 4]  # the baseline goes out with step 1's message
+    assert progress[0]["validation"][0][0] == 0 and progress[1]["validation"][0][0] == 2
+    assert run.ui[train]["dit_trainer_validation"] == sent
+    run_dir = comfy_host.root / "output" / "dit_trainer" / prompt[train]["inputs"]["name"]
+    lines = (run_dir / "validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [loss for _, loss in sent]

@@ -64,6 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"continue with: dit-trainer resume {args.config}")
         return STOP_EXIT_CODES.get(train.stop_reason, FAILED)
     print(f"done at step {train.steps_done}; final loss {train.losses[-1]:.4f}")
+    if train.validation:
+        first, last = train.validation[0], train.validation[-1]
+        print(f"validation loss {last['loss']:.4f} at step {last['step']} (step {first['step']}: "
+              f"{first['loss']:.4f}); series in {result.run_dir / 'validation.jsonl'}")
     print(f"adapter    {result.adapter_path}  (ComfyUI format, loads in LoraLoader)")
     if result.ema_adapter_path is not None:
         print(f"EMA        {result.ema_adapter_path}")

@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass, field
 
 from .fused_refusal import fused_backward_refusal
 from .losses import LossConfig
+from .noise import NoiseConfig
+from .preservation import PreservationConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
+from .validation import ValidationConfig
 
 
 @dataclass
@@ -35,6 +38,8 @@ class TrainConfig:
     scale_weight_norms: float = 0.0  # max-norm regularisation of the adapter (0: off)
     loss: LossConfig = field(default_factory=LossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noise offset, multires noise (noise.py)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)  # DOP, reg images
     guidance: float = 1.0  # distilled guidance a guidance-embedded model (Flux.1-dev) sees while training (musubi: 1.0)
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
@@ -46,12 +51,20 @@ class TrainConfig:
     save_every: int = 0  # resumable checkpoint every N steps (0: only at the end / on interrupt)
     keep_last: int = 3  # resumable states kept; adapter snapshots are all kept for post-hoc EMA (0: keep all)
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN / inf losses
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out loss (validation.py)
+    validation_split: float = 0.0  # fraction of the images held out of training for validation (0: none)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         if isinstance(self.timesteps, dict):
             self.timesteps = TimestepConfig(**self.timesteps)
+        if isinstance(self.preservation, dict):
+            self.preservation = PreservationConfig(**self.preservation)
+        if isinstance(self.noise, dict):
+            self.noise = NoiseConfig(**self.noise)
+        if isinstance(self.validation, dict):
+            self.validation = ValidationConfig(**self.validation)
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "grad_accum", "ema_update_every"):
             if getattr(self, name) < 1:
@@ -66,6 +79,9 @@ class TrainConfig:
             raise ValueError(f"train option ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"train option validation_split must be in [0, 1) (0: no split), "
+                             f"got {self.validation_split}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train option mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.fused_backward_pass:

@@ -52,18 +52,21 @@ from .conditioning import Conditioning
 from .config import TrainConfig
 from .data.latents import LatentBatch
 from .ema import AdapterEMA
+from .fused_backward import FusedBackwardOptimizer
 from .losses import flow_loss
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
 from .network.training_adapter import TrainingAdapter
-from .fused_backward import FusedBackwardOptimizer
+from .noise import training_noise
 from .optimizers import eval_weights, is_schedule_free, make_optimizer, train_mode
+from .preservation import WithRegularisation, check_class_prompts, dop_loss
 from .progress import ProgressCallback, ProgressEvent, StepClock
 from .run_settings import FREE, resume_changes, run_settings
 from .sampler import check_sampling_fits, sample_euler
 from .schedules import make_scheduler, resolve_warmup
 from .storage import OUTPUT_FIX, NonFiniteError, finite_or_raise, staging_dir
-from .timesteps import sample_sigmas
+from .timesteps import TimestepPool, sample_sigmas
+from .validation import due, fixed_examples, holdout_split, validation_loss, write_series
 
 log = logging.getLogger(__name__)
 RESUME_HISTORY_KEY = "dit_trainer_resume_history"  # adapter metadata: settings changed on resume
@@ -102,6 +105,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)  # written by this call, oldest first
     ema: AdapterEMA | None = None  # `with result.ema.applied(trainable):` to export the EMA weights
     resume_history: list[dict] = field(default_factory=list)  # settings changed on each resume
+    validation: list[dict] = field(default_factory=list)  # {"step", "loss", "by_sigma"} per evaluation (validation.py)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -225,8 +229,9 @@ class _Run:
     """The state of one `train()` call; its methods are the loop's steps, in the order they run."""
 
     def __init__(self, model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-                 adapter_metadata, settings, training_adapter):
+                 adapter_metadata, settings, training_adapter, validation_data=None, regularisation_data=None):
         self.model, self.trainable, self.data, self.cfg = model, trainable, data, cfg
+        self.validation_data, self.regularisation_data = validation_data, regularisation_data
         self.on_progress, self.specs, self.should_stop = on_progress, _as_list(previews), should_stop
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.resume_from, self.adapter_metadata = resume_from, adapter_metadata
@@ -273,10 +278,30 @@ class _Run:
                     if cfg.ema_decay else None)
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
+        self.set_up_data()
+        self.timestep_pool = (TimestepPool(cfg.timesteps.num_buckets, cfg.seed, cfg.batch_size, len(self.data))
+                              if cfg.timesteps.num_buckets > 1 else None)
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
             for spec in self.specs:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
                                     spec.cfg, self.accelerator.device, spec.label)
+
+    def set_up_data(self) -> None:
+        """Held-out examples (validation.py): a seeded split of the training data, or a separate dataset;
+        then the regularisation images alternate with what is left (preservation.py)."""
+        cfg, held_out = self.cfg, self.validation_data
+        if cfg.validation_split > 0:
+            if held_out is not None:
+                raise ValueError("got both validation_split and a validation dataset; use one of them")
+            self.data, held_out = holdout_split(self.data, cfg.validation_split, cfg.seed)
+            log.info("validation_split %g: %d image(s) held out of training", cfg.validation_split,
+                     held_out.item_count())
+        if held_out is not None and cfg.validation.every == 0:
+            raise ValueError("held-out validation data is given but validation every is 0; set validation every "
+                             "(TrainLoRA validate_every, [train.validation] every) to the steps between evaluations")
+        self.validation_examples = [] if held_out is None else fixed_examples(held_out, cfg.validation.max_examples)
+        if self.regularisation_data is not None:
+            self.data = WithRegularisation(self.data, self.regularisation_data, cfg.preservation.reg_weight)
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
@@ -308,6 +333,9 @@ class _Run:
         self.start_step, self.micro_batches = state.step, state.micro_batches
         self.result.losses, self.result.skipped_nonfinite = list(state.losses), state.skipped_nonfinite
         self.result.resume_history = list(state.extra.get("resume_history", []))
+        self.result.validation = list(state.extra.get("validation", []))
+        if self.run_dir is not None and self.validation_examples:  # drop evaluations past the checkpoint
+            write_series(self.run_dir, self.result.validation)
         if changes:
             self.result.resume_history.append(
                 {"step": state.step, "changed": {k: [old, new] for k, (old, new) in changes.items()}})
@@ -364,7 +392,8 @@ class _Run:
                     rng=rng,
                     config=self.cfg.to_dict(),
                     ema=None if self.ema is None else self.ema.state_dict(),
-                    extra={"settings": self.settings, "resume_history": self.result.resume_history},
+                    extra={"settings": self.settings, "resume_history": self.result.resume_history,
+                           "validation": self.result.validation},
                 )
                 folder = save_state(checkpoint_dir(self.run_dir, step), state, files)
             finally:
@@ -381,16 +410,22 @@ class _Run:
         batch = next(batches)
         self.micro_batches += 1
         x0 = batch.latents.to(accelerator.device)
-        noise = torch.randn(x0.shape, generator=self.noise_rng).to(accelerator.device)
+        noise = training_noise(x0.shape, cfg.noise, self.noise_rng).to(accelerator.device)
         n_tokens = image_tokens(self.model, x0.shape[-2:])  # resolution-dependent shifts count these
-        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng).to(accelerator.device)
+        pool = self.timestep_pool  # stratified draws per epoch (timesteps.py) or None
+        pooled = None if pool is None else pool.uniforms(self.micro_batches - 1, x0.shape[0])
+        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng, pooled).to(accelerator.device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
         cond = batch.cond.with_guidance(cfg.guidance).to(accelerator.device)
         with accelerator.accumulate(self.trainable), accelerator.autocast():
             pred = self.model(noisy, sigma, **cond.model_inputs(self.model))
             weights = None if batch.weights is None else batch.weights.to(accelerator.device)
-            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma)
+            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma) * batch.loss_scale
+            if cfg.preservation.dop_weight > 0 and not batch.regularisation:
+                class_cond = check_class_prompts(batch).with_guidance(cfg.guidance).to(accelerator.device)
+                loss = loss + cfg.preservation.dop_weight * dop_loss(self.model, self.trainable, noisy, sigma,
+                                                                     class_cond)
             if not torch.isfinite(loss):
                 # A NaN / inf batch must not reach the weights; skip it and stop if it persists.
                 self.result.skipped_nonfinite += 1
@@ -439,6 +474,8 @@ class _Run:
             eta_s=self.clock.eta(cfg.steps - step - 1),
             norm_stats=norm_stats,
         )
+        self.validate(step + 1)
+        event.validation = self.unreported_validation(step + 1)
         if self.specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
@@ -448,6 +485,30 @@ class _Run:
                     event.preview_captions += spec.captions
             self.trainable.train()
         return event
+
+    def validate(self, step: int) -> None:
+        """Evaluate the validation loss after `step` steps when due; kept in the result and the run folder."""
+        vcfg = self.cfg.validation
+        if self.validation_examples and due(vcfg, step, self.cfg.steps):
+            self.trainable.eval()
+            ema_weights = self.ema.applied(self.trainable) if self.ema is not None and vcfg.use_ema \
+                else contextlib.nullcontext()
+            # fork_rng: whatever the model draws from the global generator stays out of the training run. A
+            # training adapter stays merged, as for the training loss the validation loss is compared with.
+            with _eval_view(self.raw_optimizer, self.params), ema_weights, torch.random.fork_rng(devices=[]):
+                record = validation_loss(self.model, self.validation_examples, vcfg.sigmas, vcfg.seed,
+                                         self.accelerator.device, self.cfg.guidance, self.accelerator.autocast)
+            self.trainable.train()
+            self.result.validation.append({"step": step, **record})
+            if self.run_dir is not None:
+                write_series(self.run_dir, self.result.validation)
+            log.info("validation loss at step %d: %.6g", step, record["loss"])
+
+    def unreported_validation(self, step: int) -> list[tuple[int, float]]:
+        """The (step, loss) points no progress event carried yet (the first one also carries step 0's)."""
+        points = [(r["step"], r["loss"]) for r in self.result.validation if r["step"] > self.reported_validation]
+        self.reported_validation = step
+        return points
 
     def stop_reason(self) -> str | None:
         if self.should_stop is not None and self.should_stop():
@@ -464,6 +525,9 @@ class _Run:
         result.steps_done = self.start_step
         self.clock = StepClock()
         self.nonfinite_run = 0
+        self.reported_validation = self.start_step if self.start_step else -1  # the baseline goes out first
+        if self.start_step == 0:
+            self.validate(0)
         # What a checkpoint written now must hold: the state before the step in progress,
         # or None while the optimizer is updating (a failure there leaves no exact state).
         self.step_start: tuple[dict, int] | None = (rng_state(self.noise_rng), self.micro_batches)
@@ -513,6 +577,8 @@ def train(
     adapter_metadata: dict | None = None,
     settings: dict | None = None,
     training_adapter: TrainingAdapter | None = None,
+    validation_data: TrainingData | None = None,
+    regularisation_data: TrainingData | None = None,
 ) -> TrainResult:
     """Run optimizer steps up to `cfg.steps`.
 
@@ -524,10 +590,13 @@ def train(
     without it the train and network options are; a `training_adapter` is added to them.
     It is merged into the base for the training steps only (previews and the trainable's
     files never see it). On return the trainable holds its final weights (schedule-free:
-    the eval weights).
+    the eval weights). `validation_data` holds examples out for the validation loss
+    (validation.py; or cfg.validation_split splits them off `data`). `regularisation_data`
+    (class images) alternates with the training batches, its loss scaled by
+    cfg.preservation.reg_weight (preservation.py).
     """
     run = _Run(model, trainable, data, cfg, on_progress, previews, should_stop, run_dir, resume_from,
-               adapter_metadata, settings, training_adapter)
+               adapter_metadata, settings, training_adapter, validation_data, regularisation_data)
     with signals.active_run():
         run.set_up()
         if resume_from is not None:

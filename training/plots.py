@@ -14,6 +14,7 @@ BACKGROUND = (250, 250, 250)
 AXIS = (60, 60, 60)
 RAW = (170, 190, 230)
 SMOOTH = (30, 80, 200)
+VALIDATION = (220, 110, 20)
 
 
 def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
@@ -25,18 +26,21 @@ def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def loss_curve(losses: list[float], width: int = 640, height: int = 360, title: str = "training loss") -> Image.Image:
-    """Raw per-step loss (light) and its moving average (dark), y axis from min to max."""
+def loss_curve(losses: list[float], width: int = 640, height: int = 360, title: str = "training loss",
+               validation: list[tuple[int, float]] | None = None) -> Image.Image:
+    """Raw per-step loss (light) and its moving average (dark), y axis from min to max; with `validation`
+    [(step, loss)], the validation loss as a second series (orange, a dot per evaluation)."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 64, width - 16, 28, height - 36
     draw.text((left, 8), title, fill=AXIS)
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS, width=1)
     finite = [v for v in losses if math.isfinite(v)]
+    checked = [(step, v) for step, v in validation or [] if math.isfinite(v)]
     if len(finite) < 2:
         draw.text((left + 10, top + 10), "not enough steps yet", fill=AXIS)
         return image
-    lo, hi = min(finite), max(finite)
+    lo, hi = min(finite + [v for _, v in checked]), max(finite + [v for _, v in checked])
     hi = hi if hi > lo else lo + 1e-8
     n = len(losses)
 
@@ -46,6 +50,13 @@ def loss_curve(losses: list[float], width: int = 640, height: int = 360, title: 
     for series, colour, w in ((losses, RAW, 1), (smoothed(finite), SMOOTH, 2)):
         pts = [point(i, v) for i, v in enumerate(series) if math.isfinite(v)]
         draw.line(pts, fill=colour, width=w)
+    if checked:  # step s is index s - 1 of the training series; the step-0 baseline sits on the left edge
+        pts = [point(max(step - 1, 0), v) for step, v in checked]
+        if len(pts) > 1:
+            draw.line(pts, fill=VALIDATION, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=VALIDATION)
+        draw.text((right - 110, 8), "validation loss", fill=VALIDATION)
     draw.text((4, top - 4), f"{hi:.4g}", fill=AXIS)
     draw.text((4, bottom - 10), f"{lo:.4g}", fill=AXIS)
     draw.text((left, bottom + 8), "step 1", fill=AXIS)

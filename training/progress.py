@@ -23,6 +23,7 @@ class ProgressEvent:
     previews: list[Image.Image] = field(default_factory=list)  # set on preview steps only
     preview_captions: list[str] = field(default_factory=list)  # the prompt of each preview
     norm_stats: Any = None  # max-norm regularisation report (keys scaled, mean / max norm) when enabled
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) new since the last event
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -5,8 +5,10 @@
                 plus continue_from = an adapter file to start from, and
                 training_adapter (+ training_adapter_strength) = a LoRA merged into the
                 base while training only (distilled bases; training_adapter.py)
-    [data]      folder (or "embedded-demo"), DataConfig fields, mask_gamma, mask_min_weight
-    [train]     TrainConfig fields, with [train.loss] and [train.timesteps] sub-tables
+    [data]      folder (or "embedded-demo"), DataConfig fields, mask_gamma, mask_min_weight,
+                reg_folder (regularisation images, read with the same options; preservation.py)
+    [train]     TrainConfig fields, with [train.loss], [train.timesteps] and [train.validation]
+                sub-tables ([train.validation] folder = held-out images, read with the [data] options)
     [sample]    prompts (kohya line format, one per line) or prompts_file, and their defaults
     [output]    dir (the run folder's parent), name (file stem of the final adapter)
 
@@ -57,6 +59,7 @@ class DataSection:
     encoder_id: str = ""  # real models: the encoder id DatasetFromFolder cached the dataset under
     mask_gamma: float = 1.0
     mask_min_weight: float = 0.0
+    reg_folder: str = ""  # class images that alternate with the training batches ("" = none)
 
 
 @dataclass
@@ -118,11 +121,13 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
                          "network")
     network.continue_from, network.training_adapter = resolve(network.continue_from), resolve(network.training_adapter)
     data_values = dict(values["data"])
-    own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight") if k in data_values}
+    own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight", "reg_folder")
+           if k in data_values}
     data = from_plain(DataSection, {**own, "options": checked_values(DataConfig, data_values, "data")}, "data")
-    data.folder = resolve(data.folder)
+    data.folder, data.reg_folder = resolve(data.folder), resolve(data.reg_folder)
     DataConfig(**data.options)  # range checks too, before any model is loaded
     train = TrainConfig.from_dict(dict(values.get("train", {})))
+    train.validation.folder = resolve(train.validation.folder)
     sample = from_plain(SampleSection, dict(values.get("sample", {})), "sample")
     sample.prompts_file = resolve(sample.prompts_file)
     output = from_plain(OutputSection, dict(values.get("output", {})), "output")

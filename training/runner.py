@@ -38,6 +38,8 @@ from .run_config import DEMO, RunConfig
 from .run_folder import RUN_ID_KEY, PreparedRun, prepare_run, read_record, record_run, run_lock
 from .run_settings import run_settings
 from .storage import OUTPUT_FIX
+from .advisor import run_advice
+from .validation import as_points
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,8 +147,10 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
         encoders = encoders_for(cfg, model)
         folder = dataset_folder(cfg)
         data_cfg = DataConfig(**cfg.data.options)
+        reg_identity = ([dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoders.encoder_id)]
+                        if cfg.data.reg_folder else [])  # the class images shape the weights too
         identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
-                                       cfg.data.mask_min_weight)
+                                       cfg.data.mask_min_weight, *reg_identity)
         settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
                                 cfg.network.continue_from or None)
         training_adapter = None
@@ -169,18 +173,31 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
         data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
         log.info("%s", data.summary())
+        if cfg.model.checkpoint != DEMO:  # the tiny demo model is not held to real models' recipes
+            for advice in run_advice(model.architecture, cfg.train, cfg.network.config, data.item_count(),
+                                     data_cfg.resolution):
+                log.warning("settings advisor: %s", advice)
+        held_out = regularisation = None
+        if cfg.train.validation.folder:  # held-out images, read with the training folder's [data] options
+            held_out = dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,
+                                       model.cfg.patch_size)
+            log.info("validation set %s:\n%s", cfg.train.validation.folder, held_out.summary())
+        if cfg.data.reg_folder:
+            regularisation = dataset_for_run(Path(cfg.data.reg_folder), data_cfg, cfg, encoders, model.cfg.patch_size)
+            log.info("regularisation images %s:\n%s", cfg.data.reg_folder, regularisation.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
         result = train(
             model, network, data, cfg.train, on_progress, build_previews(cfg, encoders, model.cfg.patch_size),
             run_dir=run_dir, resume_from=run_dir if run.continuing else None, adapter_metadata=metadata,
-            settings=settings, training_adapter=training_adapter,
+            settings=settings, training_adapter=training_adapter, validation_data=held_out,
+            regularisation_data=regularisation,
         )
         adapter_path = ema_path = None
         if not result.stopped_early:
             adapter_path, ema_path = save_trained_adapter(
                 network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash, metadata
             )
-        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss"), run_dir / "loss.png",
-                        OUTPUT_FIX)
+        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss",
+                                   validation=as_points(result.validation)), run_dir / "loss.png", OUTPUT_FIX)
     return RunResult(adapter_path, ema_path, plot, run_dir, result)

@@ -12,9 +12,22 @@ sigma in (0, 1): x_t = (1 - sigma) x0 + sigma * noise. Methods (musubi-tuner nam
   qinglong_flux  per sample, a mixture: 80% flux_shift, 7.5% logsnr(logsnr_mean, logsnr_std),
                  12.5% logsnr with fixed N(5.36, 1.0) (low noise, fine detail)
   qinglong_qwen  the same with qwen_shift's mu
+  logit_normal   u = sigmoid(logit_mean + logit_std * n), sigma = S(1 - u; discrete_flow_shift)
+  mode           u ~ U(0, 1), u = 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u), sigma = S(1 - u; shift)
+                 These two are musubi-tuner's "weighting schemes" that draw timesteps with a density
+                 (hv_train.py `compute_density_for_timestep_sampling`, from diffusers' SD3 trainer):
+                 musubi turns u into the timestep at index u * 1000 of its shifted, descending
+                 schedule, i.e. sigma = S(1 - u; discrete_flow_shift).
 The qinglong mixture is that of kohya-ss/musubi-tuner, src/musubi_tuner/hv_train_network.py
 (`timestep_sampling.startswith("qinglong")`: thresholds 0.80 / 0.875 on one uniform draw per
 sample; the second logsnr component uses the constants 5.36 and 1.0 whatever logsnr_mean is).
+
+Timestep buckets (musubi-tuner's `num_timestep_buckets`, dataset/bucket.py BucketBatchManager):
+each pool of draws (one epoch of micro-batches) holds ceil(P / K) uniform draws from each of K
+equal strata of [0, 1), shuffled and cut to P, so every epoch trains evenly across noise levels.
+A pool draw replaces the method's first random number (the uniform itself, or the normal
+Phi^-1(u), as musubi-tuner's `uniform_to_normal_ppF`). The pools are a pure function of (seed,
+pool index) and the micro-batch count, which checkpoints hold, so resume stays exact.
 
 Range [min_sigma, max_sigma], as musubi-tuner's min/max_timestep (which are these times 1000):
   rescale  sigma = min + (max - min) * sigma         (musubi-tuner's default)
@@ -30,7 +43,10 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("uniform", "sigmoid", "shift", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen")
+from .data.order import seeded_generator
+
+METHODS = ("uniform", "sigmoid", "shift", "flux_shift", "qwen_shift", "logsnr", "qinglong_flux", "qinglong_qwen",
+           "logit_normal", "mode")
 RANGE_MODES = ("rescale", "reject", "clamp")
 
 FLUX_MU = ((256, 0.5), (4096, 1.15))  # (image tokens, mu) at two resolutions
@@ -51,6 +67,10 @@ class TimestepConfig:
     min_sigma: float = 0.0
     max_sigma: float = 1.0
     range_mode: str = "rescale"  # rescale | reject | clamp: how [min_sigma, max_sigma] is applied
+    logit_mean: float = 0.0  # logit_normal (musubi-tuner / SD3 defaults)
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode
+    num_buckets: int = 0  # stratified pools of draws per epoch (musubi num_timestep_buckets; 0 or 1: off)
 
 
 def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -73,13 +93,26 @@ def _logsnr_sigma(normal: torch.Tensor, mean: float, std: float) -> torch.Tensor
     return torch.sigmoid(-(mean + std * normal) / 2.0)
 
 
-def _draw(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """`batch` sigmas in (0, 1) before the range is applied."""
+def _normal_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
+    """Phi^-1(u) = sqrt(2) erfinv(2u - 1), with u kept off 0 and 1 (musubi-tuner's uniform_to_normal_ppF)."""
+    return math.sqrt(2.0) * torch.erfinv(2.0 * uniform.clamp(1e-7, 1.0 - 1e-7) - 1.0)
+
+
+def _draw(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator,
+          uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """`batch` sigmas in (0, 1) before the range is applied; `uniform` (a bucket pool's draws) replaces the
+    method's first random number."""
     # The first normal draw comes first for every method, so the random stream of the
     # original methods is unchanged by the ones added later.
-    normal = torch.randn(batch, generator=generator)
+    normal = torch.randn(batch, generator=generator) if uniform is None else _normal_from_uniform(uniform)
     if cfg.method == "uniform":
-        return torch.rand(batch, generator=generator)
+        return torch.rand(batch, generator=generator) if uniform is None else uniform
+    if cfg.method == "logit_normal":
+        return shift_sigma(1.0 - torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal), cfg.discrete_flow_shift)
+    if cfg.method == "mode":
+        u = torch.rand(batch, generator=generator) if uniform is None else uniform
+        u = 1.0 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+        return shift_sigma(1.0 - u, cfg.discrete_flow_shift)
     if cfg.method == "logsnr":
         return _logsnr_sigma(normal, cfg.logsnr_mean, cfg.logsnr_std)
     t = torch.sigmoid(cfg.sigmoid_scale * normal)
@@ -110,20 +143,29 @@ def _validate(cfg: TimestepConfig) -> None:
         raise ValueError(
             f"timestep range min_sigma={cfg.min_sigma}, max_sigma={cfg.max_sigma}: need 0 <= min_sigma < max_sigma <= 1"
         )
+    if cfg.num_buckets < 0:
+        raise ValueError(f"timestep num_buckets must not be negative (0 turns bucketing off), got {cfg.num_buckets}")
+    if cfg.num_buckets > 1 and cfg.range_mode == "reject":
+        raise ValueError("timestep num_buckets cannot be combined with range_mode='reject' (a redraw would leave "
+                         "the strata); use range_mode 'rescale' or 'clamp'")
+    if cfg.logit_std <= 0:
+        raise ValueError(f"timestep logit_std must be > 0, got {cfg.logit_std}")
 
 
-def sample_sigmas(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+def sample_sigmas(cfg: TimestepConfig, batch: int, n_image_tokens: int, generator: torch.Generator,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Draw `batch` sigmas (fp32, CPU) with the configured method and range.
 
     `n_image_tokens` is the image sequence length the model sees (after patchifying); only
-    the resolution-dependent methods use it.
+    the resolution-dependent methods use it. `uniform` [batch] are a timestep pool's draws
+    (`TimestepPool`).
     """
     _validate(cfg)
     low, high = cfg.min_sigma, cfg.max_sigma
     if cfg.range_mode == "rescale":
-        sigma = low + (high - low) * _draw(cfg, batch, n_image_tokens, generator)
+        sigma = low + (high - low) * _draw(cfg, batch, n_image_tokens, generator, uniform)
     elif cfg.range_mode == "clamp":
-        sigma = _draw(cfg, batch, n_image_tokens, generator).clamp(low, high)
+        sigma = _draw(cfg, batch, n_image_tokens, generator, uniform).clamp(low, high)
     else:
         kept = torch.empty(0)
         for _ in range(MAX_REJECT_ROUNDS):
@@ -139,3 +181,30 @@ def sample_sigmas(cfg: TimestepConfig, batch: int, n_image_tokens: int, generato
         sigma = kept[:batch]
     # sigma = 0 or 1 exactly makes the model input pure data or pure noise; keep it inside.
     return sigma.clamp(1e-5, 1.0 - 1e-5)
+
+
+def stratified_pool(num_buckets: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`size` uniform draws, ceil(size / K) from each stratum [i / K, (i + 1) / K), shuffled, cut to size."""
+    per_bucket = -(-size // num_buckets)
+    strata = torch.arange(num_buckets).repeat_interleave(per_bucket)
+    draws = (strata + torch.rand(len(strata), generator=generator)) / num_buckets
+    return draws[torch.randperm(len(draws), generator=generator)][:size]
+
+
+class TimestepPool:
+    """Bucketed uniforms for micro-batch m: pool m // P (P micro-batches of `batch_size` rows, one epoch)."""
+
+    def __init__(self, num_buckets: int, seed: int, batch_size: int, examples_per_epoch: int) -> None:
+        self.num_buckets, self.seed, self.batch_size = num_buckets, seed, batch_size
+        self.batches_per_pool = max(1, -(-examples_per_epoch // batch_size))
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def uniforms(self, micro_batch: int, rows: int) -> torch.Tensor:
+        """The draws of the 0-based micro-batch `micro_batch` (a short batch takes the first `rows`)."""
+        index, position = divmod(micro_batch, self.batches_per_pool)
+        if self._cached is None or self._cached[0] != index:
+            size = self.batches_per_pool * self.batch_size
+            self._cached = (index, stratified_pool(self.num_buckets, size,
+                                                   seeded_generator(self.seed, "timestep_pool", index)))
+        start = position * self.batch_size
+        return self._cached[1][start : start + rows]

@@ -169,3 +169,26 @@ test("tick labels are short", () => {
   assert.equal(formatStep(12000), "12k");
   assert.equal(formatStep(950), "950");
 });
+
+test("the validation series is drawn through its own points and widens both axes", () => {
+  // Baseline at step 0 below the training curve's range, one point above it at step 10.
+  const state = { history: [[2, 1], [10, 3]], validation: [[0, 0.5], [10, 3.5]], total: 0, logScale: false };
+  const geometry = chartGeometry(state, WIDTH, HEIGHT);
+  assert.deepEqual(geometry.xDomain, [0, 10], "step 0 of the baseline is on the axis");
+  // Loss domain [0.5, 3.5] padded by 5%: [0.35, 3.65].
+  assertClose(geometry.yDomain[0], 0.35);
+  assertClose(geometry.yDomain[1], 3.65);
+  const y = (loss) => 108 - ((loss - 0.35) / 3.3) * 100;
+  assertPointsClose(geometry.validation, [[46, y(0.5)], [146, y(3.5)]]);
+  const ctx = new RecordingContext2D();
+  drawLossChart(ctx, state, WIDTH, HEIGHT, DEFAULT_THEME);
+  const stroke = ctx.strokes.find((s) => s.style === DEFAULT_THEME.validation);
+  assert.ok(stroke, "validation curve drawn");
+  assertPointsClose(stroke.path.map(([, px, py]) => [px, py]), geometry.validation);
+  const dots = ctx.fillRects.filter((r) => r.style === DEFAULT_THEME.validation);
+  assert.equal(dots.length, 2, "a dot per evaluation");
+  // Without validation points nothing is drawn in its colour.
+  const plain = new RecordingContext2D();
+  drawLossChart(plain, TWO_POINTS, WIDTH, HEIGHT, DEFAULT_THEME);
+  assert.equal(plain.strokes.filter((s) => s.style === DEFAULT_THEME.validation).length, 0);
+});

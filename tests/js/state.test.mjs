@@ -248,3 +248,36 @@ test("only plain file names are kept as the saved adapter's name", () => {
   assert.equal(restored.saved, null);
 });
 
+
+test("validation points of progress messages build the second series, the step-0 baseline first", () => {
+  const state = run([
+    ["progress", progress(1, { validation: [[0, 0.9], [1, 0.8]] })],
+    ["progress", progress(2, { validation: [] })],
+    ["progress", progress(3)], // older servers send no validation field
+    ["progress", progress(4, { validation: [[4, 0.7], "junk", [5, NaN]] })],
+  ]);
+  assert.deepEqual(state.validation, [[0, 0.9], [1, 0.8], [4, 0.7]]);
+  assert.deepEqual(state.history.map(([step]) => step), [1, 2, 3, 4], "training series unchanged");
+  assert.match(formatStatus(state), /val 0\.7/);
+  // A new run (lower step) starts both series empty.
+  assert.deepEqual(run([["progress", progress(1)]], state).validation, []);
+});
+
+test("executed output replaces the validation series, and it survives save and reload", () => {
+  const state = run([
+    ["progress", progress(1, { validation: [[0, 0.9]] })],
+    [
+      "executed",
+      {
+        dit_trainer_losses: [[1, 0.5], [2, 0.4]],
+        dit_trainer_validation: [[0, 0.9], [2, 0.95]],
+        dit_trainer_saved: ["run.safetensors"],
+      },
+    ],
+  ]);
+  assert.deepEqual(state.validation, [[0, 0.9], [2, 0.95]]);
+  assert.match(formatStatus(state), /validation 0\.95/);
+  const restored = restoreViewState(JSON.parse(JSON.stringify(serializeViewState(state))));
+  assert.deepEqual(restored.validation, state.validation);
+  assert.deepEqual(restoreViewState({ ...serializeViewState(state), validation: "bad" }).validation, []);
+});

@@ -2,7 +2,8 @@
 
 * Latents: one safetensors file per image, <cache_dir>/latents/<key>.safetensors, with
   key = sha256(format version, encoder_id, latent downscale, image bytes, mask source and
-  mask bytes, bucket, resize, crop). See `latent_key`.
+  mask bytes, bucket, resize, crop), and for each augmented variant (augment.py) one more
+  file whose key also holds the augmentation's parameters. See `latent_key`.
 * Text: one file per caption string, <cache_dir>/text/<key>.safetensors (its states and,
   for encoders that give one, its pooled vector), with
   key = sha256(format version, encoder_id, caption), plus an in-memory LRU. Shuffled,
@@ -50,10 +51,13 @@ def content_key(*parts: bytes | str) -> str:
 
 
 def latent_key(
-    encoder_id: str, downscale: int, image_bytes: bytes, mask_source: str, mask_bytes: bytes, placement: Placement
+    encoder_id: str, downscale: int, image_bytes: bytes, mask_source: str, mask_bytes: bytes, placement: Placement,
+    augmentation: str = "",
 ) -> str:
+    """`augmentation` (Augmentation.key) names an augmented variant; the plain image's key has none."""
     geometry = f"bucket={placement.bucket} resized={placement.resized} crop={placement.crop} downscale={downscale}"
-    return content_key(CACHE_FORMAT_VERSION, encoder_id, geometry, image_bytes, mask_source, mask_bytes)
+    parts = (CACHE_FORMAT_VERSION, encoder_id, geometry, image_bytes, mask_source, mask_bytes)
+    return content_key(*parts, f"augmentation {augmentation}") if augmentation else content_key(*parts)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 from collections import Counter
@@ -31,7 +32,8 @@ from ..size_checks import check_latent_cache, check_upscale
 from ..storage import finite_or_raise
 from .buckets import ImageTooSmall, Placement, Size, cover, place_image
 from .cache import TextEmbeddingCache, TextEncoder, latent_key, load_tensors, save_tensors
-from .captions import fixed_caption, process_caption
+from .augment import Augmentation, augment_pixels, crop_and_flip, draw_augmentation
+from .captions import class_prompt, fixed_caption, process_caption
 from .config import DataConfig
 from .files import ImageFile, name_list, scan_folder
 from .images import IMAGE_EXTENSIONS, decode_image, decode_mask, fit_to_bucket, read_info
@@ -67,6 +69,7 @@ class _Encoded:
     mask: torch.Tensor | None  # (1, h, w) in [0, 1]
     from_cache: bool
     references: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (C, h, w) per control image
+    variants: list[tuple[Augmentation, torch.Tensor]] = dataclasses.field(default_factory=list)  # augmented latents
 
 
 class _Unusable(Exception):
@@ -128,11 +131,48 @@ def _check_sizes(planned: list[_Planned], cfg: DataConfig, downscale: int, laten
 
 def _load_or_encode(
     planned: _Planned, encode_images: ImageEncoder, downscale: int, encoder_id: str, latent_folder: Path | None,
+    cfg: DataConfig,
 ) -> _Encoded:
     encoded = _load_or_encode_target(planned, encode_images, downscale, encoder_id, latent_folder)
     encoded.references = [_load_or_encode_control(path, planned.placement.bucket, encode_images, downscale, encoder_id,
                                                   latent_folder) for path in planned.file.controls]
+    if cfg.augment_variants:
+        encoded.variants = _load_or_encode_variants(planned, encoded, cfg, encode_images, downscale, encoder_id,
+                                                    latent_folder)
     return encoded
+
+
+def _load_or_encode_variants(planned: _Planned, encoded: _Encoded, cfg: DataConfig, encode_images: ImageEncoder,
+                             downscale: int, encoder_id: str, latent_folder: Path | None,
+                             ) -> list[tuple[Augmentation, torch.Tensor]]:
+    """The image's augmented variants (augment.py), each from its own cache entry or encoded once."""
+    file, placement = planned.file, planned.placement
+    if encoded.mask is not None and cfg.random_crop_scale < 1.0:
+        raise ValueError(f"{file.path.name} has a loss mask and random_crop_scale is {cfg.random_crop_scale}: "
+                         "cropped variants would need cropped masks; use flip_aug / color_jitter only, or masks none")
+    image_bytes = file.path.read_bytes()
+    mask_bytes = file.mask_path.read_bytes() if file.mask_source == "file" else b""
+    digest = hashlib.sha256(image_bytes).hexdigest()
+    latent_size = tuple(encoded.latents.shape[-2:])
+    bucket_pixels = None  # decoded only when a variant is not cached
+    variants = []
+    for index in range(cfg.augment_variants):
+        aug = draw_augmentation(cfg.flip_aug, cfg.random_crop_scale, cfg.color_jitter, digest, index)
+        key = latent_key(encoder_id, downscale, image_bytes, file.mask_source, mask_bytes, placement, aug.key())
+        cache_path = None if latent_folder is None else latent_folder / f"{key}.safetensors"
+        stored = None if cache_path is None else load_tensors(cache_path)
+        if stored is not None and "latents" in stored and tuple(stored["latents"].shape[-2:]) == latent_size:
+            variants.append((aug, stored["latents"]))
+            continue
+        if bucket_pixels is None:
+            bucket_pixels = fit_to_bucket(decode_image(image_bytes)[0], placement)
+        latents = _encode_checked(encode_images, augment_pixels(aug, bucket_pixels), file.path, placement.bucket,
+                                  latent_size, downscale)
+        if cache_path is not None:
+            save_tensors(cache_path, {"latents": latents},
+                         metadata={"image": file.path.name, "format": "dit_trainer latents", "augmentation": aug.key()})
+        variants.append((aug, latents))
+    return variants
 
 
 def _encode_checked(encode_images: ImageEncoder, pixels: torch.Tensor, path: Path, bucket: Size,
@@ -242,6 +282,7 @@ class FolderDataset:
         self._latents = [e.latents for e in encoded]
         self._masks = [e.mask for e in encoded]
         self._references = [e.references for e in encoded]
+        self._variants = [e.variants for e in encoded]  # [(augmentation, latents)] per item; [] without augmentation
         # Control images the text encoder reads with each caption (Qwen-Image-Edit), else none.
         self._text_controls = [e.file.controls if text_reads_controls else () for e in encoded]
         self._weights: list[torch.Tensor] | None = None  # (1, h, w) per item once weighting is on
@@ -288,7 +329,7 @@ class FolderDataset:
         encoded: list[_Encoded] = []
         for item in planned:
             try:
-                encoded.append(_load_or_encode(item, encode_images, latent_downscale, encoder_id, latent_folder))
+                encoded.append(_load_or_encode(item, encode_images, latent_downscale, encoder_id, latent_folder, cfg))
             except _Unusable as reason:
                 skipped.append((item.file.path, str(reason)))
         if skipped:
@@ -315,8 +356,9 @@ class FolderDataset:
         # Captions that never change are encoded now, so training needs the text encoder
         # only for shuffled / dropped / wildcard variants.
         fixed = list(dict.fromkeys(
-            (caption, e.file.controls if text_reads_controls else ())
-            for e in encoded if (caption := fixed_caption(e.file.caption, cfg)) is not None))
+            (variant, e.file.controls if text_reads_controls else ())
+            for e in encoded if (caption := fixed_caption(e.file.caption, cfg)) is not None
+            for variant in ((caption, class_prompt(caption, cfg)) if cfg.class_word else (caption,))))
         for start in range(0, len(fixed), _TEXT_ENCODE_CHUNK):
             chunk = fixed[start : start + _TEXT_ENCODE_CHUNK]
             text_cache.get([caption for caption, _ in chunk], [controls for _, controls in chunk])
@@ -328,6 +370,20 @@ class FolderDataset:
     def __len__(self) -> int:
         """Examples per epoch, counting repeats."""
         return sum(item.repeats for item in self.items)
+
+    def item_count(self) -> int:
+        """Images (an image with repeats counts once)."""
+        return len(self.items)
+
+    def subset(self, indices: list[int]) -> FolderDataset:
+        """A copy with only the images at `indices` (a validation split holds the others out)."""
+        part = copy.copy(self)
+        pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
+        part.items, part._sizes, part._placements = pick(self.items), pick(self._sizes), pick(self._placements)
+        part._latents, part._masks, part._references = pick(self._latents), pick(self._masks), pick(self._references)
+        part._text_controls, part._weights = pick(self._text_controls), pick(self._weights)
+        part._variants = pick(self._variants)
+        return part
 
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
         """Endless batches, each from one bucket; a pure function of (seed, dataset contents).
@@ -354,18 +410,36 @@ class FolderDataset:
         while True:
             plan = epoch_batches(bucket_examples, batch_size, seeded_generator(seed, "epoch", epoch))
             for members in plan[offset:]:
-                yield self._batch(members, seeded_generator(seed, "caption", index))
+                yield self._batch(members, seeded_generator(seed, "caption", index),
+                                  seeded_generator(seed, "augment", index))
                 index += 1
             epoch, offset = epoch + 1, 0
 
-    def _batch(self, members: list[int], caption_rng: torch.Generator) -> LatentBatch:
+    def _pick_variants(self, members: list[int], augment_rng: torch.Generator,
+                       ) -> list[tuple[Augmentation | None, torch.Tensor]]:
+        """(augmentation, latents) per member: one of its cached variants, or (None, the plain latents)."""
+        return [(None, self._latents[i]) if not self._variants[i] else
+                self._variants[i][int(torch.randint(len(self._variants[i]), (), generator=augment_rng))]
+                for i in members]
+
+    def _batch(self, members: list[int], caption_rng: torch.Generator, augment_rng: torch.Generator) -> LatentBatch:
         captions = [process_caption(self.items[i].caption, self.cfg, caption_rng) for i in members]
+        picked = self._pick_variants(members, augment_rng)
+        references = tuple(torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))
+        controls = [self._text_controls[i] for i in members]
+
+        def conditioning(texts: list[str]) -> Conditioning:
+            return dataclasses.replace(Conditioning.collate(self._text.get(texts, controls)),
+                                       reference_latents=references)
+
         return LatentBatch(
-            latents=torch.stack([self._latents[i] for i in members]),  # (B, C, h, w)
-            cond=dataclasses.replace(Conditioning.collate(self._text.get(captions, [self._text_controls[i] for i in members])),
-                                     reference_latents=tuple(
-                torch.stack(parts) for parts in zip(*(self._references[i] for i in members)))),
-            weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
+            latents=torch.stack([latents for _, latents in picked]),  # (B, C, h, w)
+            cond=conditioning(captions),
+            # A flipped variant's mask is the flipped mask (crop with masks is refused, jitter moves no pixel).
+            weights=None if self._weights is None else torch.stack(
+                [self._weights[i] if aug is None else crop_and_flip(aug, self._weights[i])
+                 for i, (aug, _) in zip(members, picked)]),
+            class_cond=conditioning([class_prompt(c, self.cfg) for c in captions]) if self.cfg.class_word else None,
         )
 
     def preview_references(self) -> tuple[torch.Tensor, ...]:
@@ -458,4 +532,8 @@ class FolderDataset:
         if self._skipped:
             lines.append(f"skipped: {len(self._skipped)} unusable image(s): {name_list([p for p, _ in self._skipped])}")
         lines.append(f"latents: {self._from_cache} from cache, {len(self.items) - self._from_cache} encoded")
+        if self.cfg.augment_variants:
+            lines.append(f"augmentation: {self.cfg.augment_variants} cached variant(s) per image (flip "
+                         f"{self.cfg.flip_aug}, crop scale {self.cfg.random_crop_scale:g}, colour jitter "
+                         f"{self.cfg.color_jitter:g}); each draw picks one")
         return "\n".join(lines)

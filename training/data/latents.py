@@ -16,6 +16,9 @@ class LatentBatch:
     latents: torch.Tensor  # (B, C, H, W) clean latents x0
     cond: Conditioning  # text states (+ pooled, reference latents) of each row
     weights: torch.Tensor | None = None  # (B, 1, H, W) per-pixel loss weights
+    class_cond: Conditioning | None = None  # the captions with the trigger replaced by the class word (DOP)
+    loss_scale: float = 1.0  # regularisation-image batches: prior_loss_weight (preservation.py)
+    regularisation: bool = False  # a batch of regularisation images (no trigger, so no DOP)
 
 
 @dataclass
@@ -25,6 +28,7 @@ class LatentDataset:
     latents: torch.Tensor
     cond: Conditioning
     weights: torch.Tensor | None = None
+    class_cond: Conditioning | None = None  # class prompts per example (DOP)
 
     def __post_init__(self):
         n = self.latents.shape[0]
@@ -43,6 +47,16 @@ class LatentDataset:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def item_count(self) -> int:
+        return len(self)
+
+    def subset(self, indices: list[int]) -> "LatentDataset":
+        """The examples at `indices` (a validation split holds some out)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return LatentDataset(self.latents[index], self.cond.rows(index),
+                             None if self.weights is None else self.weights[index],
+                             None if self.class_cond is None else self.class_cond.rows(index))
+
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[LatentBatch]:
         """Endless shuffled batches, a pure function of `seed`: epoch e is a permutation drawn
         from a generator seeded with (seed, e), so `start` skips batches without replaying them
@@ -53,5 +67,7 @@ class LatentDataset:
             order = torch.randperm(len(self), generator=seeded_generator(seed, "epoch", epoch))
             for i in range(offset, per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                yield LatentBatch(self.latents[idx], self.cond.rows(idx), None if self.weights is None else self.weights[idx])
+                yield LatentBatch(self.latents[idx], self.cond.rows(idx),
+                                  None if self.weights is None else self.weights[idx],
+                                  None if self.class_cond is None else self.class_cond.rows(idx))
             epoch, offset = epoch + 1, 0

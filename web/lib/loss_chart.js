@@ -18,6 +18,7 @@ export const DEFAULT_THEME = {
   text: "#b0b0b0",
   raw: "rgba(120, 160, 255, 0.35)",
   smooth: "#6fa8ff",
+  validation: "#ff9a3c",
   font: "10px sans-serif",
 };
 
@@ -201,13 +202,15 @@ export function makeScale(domain, range, log = false) {
 
 /**
  * Everything drawLossChart needs, in pixels: plot box, axis domains and ticks,
- * and the raw and smoothed polylines. null when there is nothing to plot.
- * @param {{history: Array<[number, number]>, total: number, logScale: boolean}} state
+ * the raw and smoothed polylines and the validation series. null when there is nothing to plot.
+ * @param {{history: Array<[number, number]>, validation?: Array<[number, number]>, total: number,
+ *   logScale: boolean}} state
  * @param {number} width CSS pixels
  * @param {number} height CSS pixels
  */
 export function chartGeometry(state, width, height) {
   const history = state.history ?? [];
+  const validation = state.validation ?? [];
   const plot = {
     x: CHART_MARGIN.left,
     y: CHART_MARGIN.top,
@@ -216,10 +219,13 @@ export function chartGeometry(state, width, height) {
   };
   if (history.length === 0 || plot.width <= 0 || plot.height <= 0) return null;
   const losses = history.map(([, loss]) => loss);
+  const validationLosses = validation.map(([, loss]) => loss);
   const smoothed = emaSeries(losses);
-  const log = Boolean(state.logScale) && canUseLogScale(losses);
-  const xDomain = stepRange(history, state.total ?? 0);
-  const yDomain = lossRange(losses.concat(smoothed), log);
+  const log = Boolean(state.logScale) && canUseLogScale(losses.concat(validationLosses));
+  // The validation baseline at step 0 widens the step axis to the left so it is visible.
+  const startsEarlier = validation.length > 0 && validation[0][0] < history[0][0];
+  const xDomain = stepRange(startsEarlier ? [validation[0], ...history] : history, state.total ?? 0);
+  const yDomain = lossRange(losses.concat(smoothed, validationLosses), log);
   const xScale = makeScale(xDomain, [plot.x, plot.x + plot.width]);
   const yScale = makeScale(yDomain, [plot.y + plot.height, plot.y], log);
   return {
@@ -233,6 +239,7 @@ export function chartGeometry(state, width, height) {
     yScale,
     raw: history.map(([step, loss]) => [xScale(step), yScale(loss)]),
     smooth: history.map(([step], i) => [xScale(step), yScale(smoothed[i])]),
+    validation: validation.map(([step, loss]) => [xScale(step), yScale(loss)]),
   };
 }
 
@@ -259,7 +266,8 @@ function strokePolyline(ctx, points, style, lineWidth) {
 /**
  * Draw the loss chart into a 2D context already scaled to CSS pixels.
  * @param {CanvasRenderingContext2D} ctx
- * @param {{history: Array<[number, number]>, total: number, logScale: boolean}} state
+ * @param {{history: Array<[number, number]>, validation?: Array<[number, number]>, total: number,
+ *   logScale: boolean}} state
  * @param {number} width CSS pixels
  * @param {number} height CSS pixels
  * @param {typeof DEFAULT_THEME} [theme]
@@ -310,6 +318,12 @@ export function drawLossChart(ctx, state, width, height, theme = DEFAULT_THEME) 
   ctx.clip();
   strokePolyline(ctx, geometry.raw, theme.raw, 1);
   strokePolyline(ctx, geometry.smooth, theme.smooth, 2);
+  if (geometry.validation.length > 0) {
+    // Validation: evaluated every N steps, so a dot per evaluation shows where the measurements are.
+    strokePolyline(ctx, geometry.validation, theme.validation, 2);
+    ctx.fillStyle = theme.validation;
+    for (const [x, y] of geometry.validation) ctx.fillRect(x - 2.5, y - 2.5, 5, 5);
+  }
   // A marker on the newest point, so a single-step history is visible too.
   const [lastX, lastY] = geometry.raw[geometry.raw.length - 1];
   ctx.fillStyle = theme.smooth;

@@ -4,7 +4,7 @@
 // Reducer functions never modify their input state; they return a new one, or the
 // same object when a message changes nothing.
 
-import { OUTPUT_LOSSES_KEY, OUTPUT_SAMPLES_KEY, OUTPUT_SAVED_KEY } from "./constants.js";
+import { OUTPUT_LOSSES_KEY, OUTPUT_SAMPLES_KEY, OUTPUT_SAVED_KEY, OUTPUT_VALIDATION_KEY } from "./constants.js";
 import { MAX_NAME_CHARS, isSafeImageRef } from "./gallery.js";
 import { HISTORY_MAX_POINTS, appendLoss, downsampleHistory } from "./loss_chart.js";
 
@@ -38,6 +38,7 @@ export function createViewState() {
     stopped: null, // "interrupted" | "error" when the run ended without output
     logScale: false,
     history: [], // [[step, loss], ...] sorted by step
+    validation: [], // [[step, validation loss], ...] sorted by step (step 0: before training)
     samples: null, // {step, items: [{image: {filename, subfolder, type} | null, caption}]}
     saved: null, // file name of the finished run's adapter in models/loras
   };
@@ -137,7 +138,18 @@ export function applyProgress(state, message) {
     elapsedS: finiteOrNull(message.elapsed_s),
     // A skipped NaN/inf step still advances the step counter but adds no point.
     history: loss === null ? base.history : appendLoss(base.history, step, loss, LIMITS.historyPoints),
+    validation: appendValidation(base.validation, message.validation),
   };
+}
+
+/** Add the [step, loss] pairs of a progress message (malformed ones are ignored). */
+function appendValidation(validation, points) {
+  if (!Array.isArray(points)) return validation;
+  return points.reduce(
+    (next, point) =>
+      Array.isArray(point) ? appendLoss(next, point[0], point[1], LIMITS.historyPoints) : next,
+    validation,
+  );
 }
 
 /**
@@ -175,6 +187,9 @@ export function applyExecuted(state, output) {
   return {
     ...state,
     history,
+    validation: Array.isArray(output[OUTPUT_VALIDATION_KEY])
+      ? sanitizeHistory(output[OUTPUT_VALIDATION_KEY], LIMITS.historyPoints)
+      : state.validation,
     step: lastPoint ? Math.max(state.step, lastPoint[0]) : state.step,
     loss: lastPoint ? lastPoint[1] : state.loss,
     etaS: null,
@@ -241,6 +256,10 @@ export function serializeViewState(state) {
       roundForSaving(step),
       roundForSaving(loss),
     ]),
+    validation: downsampleHistory(state.validation, LIMITS.savedHistoryPoints).map(([step, loss]) => [
+      roundForSaving(step),
+      roundForSaving(loss),
+    ]),
     samples: state.samples && {
       step: state.samples.step,
       items: state.samples.items.map(({ image, caption }) => ({ image, caption })),
@@ -269,6 +288,7 @@ export function restoreViewState(saved) {
     stopped: STOP_REASONS.includes(saved.stopped) ? saved.stopped : null,
     logScale: saved.logScale === true,
     history: sanitizeHistory(saved.history, LIMITS.savedHistoryPoints),
+    validation: sanitizeHistory(saved.validation, LIMITS.savedHistoryPoints),
     samples: sanitizeSamples(saved.samples),
     saved: sanitizeFileName(saved.saved),
   };
@@ -298,6 +318,8 @@ export function formatStatus(state) {
     const parts = [`finished ${state.step} steps`];
     if (state.elapsedS !== null) parts.push(`in ${formatDuration(state.elapsedS)}`);
     if (state.loss !== null) parts.push(`· final loss ${formatLoss(state.loss)}`);
+    const lastValidation = state.validation[state.validation.length - 1];
+    if (lastValidation) parts.push(`· validation ${formatLoss(lastValidation[1])}`);
     if (state.saved !== null) parts.push(`· saved ${state.saved}`);
     return parts.join(" ");
   }
@@ -307,6 +329,8 @@ export function formatStatus(state) {
   const position = state.total > 0 ? `step ${state.step}/${state.total}` : `step ${state.step}`;
   const parts = [state.stopped === null ? position : `${state.stopped} at ${position}`];
   if (state.loss !== null) parts.push(`loss ${formatLoss(state.loss)}`);
+  const lastValidation = state.validation[state.validation.length - 1];
+  if (lastValidation) parts.push(`val ${formatLoss(lastValidation[1])}`);
   if (state.lr !== null) parts.push(`lr ${state.lr.toExponential(2)}`);
   if (state.etaS !== null) parts.push(`ETA ${formatDuration(state.etaS)}`);
   if (state.elapsedS !== null) parts.push(`${formatDuration(state.elapsedS)} elapsed`);

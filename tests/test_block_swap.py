@@ -146,3 +146,17 @@ def test_blocks_to_swap_out_of_range_names_the_block_count() -> None:
     assert enable_block_swap(model, 0) is None
     swap = enable_block_swap(model, 2)
     assert model.block_swap is swap and list(swap.swapped) == [1, 2]
+
+
+def test_the_model_table_sets_storage_block_swap_and_compile() -> None:
+    from dit_trainer.training.models.quantization import Float8Linear
+    from dit_trainer.training.run_config import parse_run_config
+    from dit_trainer.training.runner import load_model
+
+    cfg = parse_run_config({"model": {"dtype": "fp8_scaled", "blocks_to_swap": 2}, "data": {}})
+    model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention, cfg.model.blocks_to_swap,
+                       cfg.model.compile)
+    assert len(list(model.block_swap.swapped)) == 2
+    assert any(isinstance(m, Float8Linear) for m in model.modules())
+    with pytest.raises(ValueError, match=r"\[model\] dtype 'fp4' is not one of"):
+        load_model(cfg.model.checkpoint, "fp4", "auto")

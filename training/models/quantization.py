@@ -32,12 +32,11 @@ FP8_SUBNORMAL_ERROR = 2.0**-10  # half the subnormal spacing 2^-9, in units of t
 
 def quantize_fp8(weight: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn data, float32 scale) with weight ~ data * scale; scale [] or [out, 1] (per_row)."""
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)  # the one full-size temporary: the rest is in place
     amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
     # An all-zero row or tensor keeps scale 1: its data is exactly 0 either way.
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    data = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return data, scale
+    return w.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -125,3 +124,18 @@ def quantized_bytes(model: nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
             total += module.weight_scale.numel() * module.weight_scale.element_size()
     return total
+
+
+def quantize_linears(root: nn.Module, names: list[str], fmt: str) -> None:
+    """Replace the (materialised) nn.Linear submodules `names` of `root` by Float8Linear holding their
+    weights quantised as `fmt`, one layer at a time, so only one layer's float copy is ever extra."""
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8 format {fmt!r} is not one of {list(FP8_FORMATS)}")
+    for name in names:
+        linear = root.get_submodule(name)
+        layer = Float8Linear.like(linear)
+        data, scale = quantize_fp8(linear.weight, per_row=fmt == "fp8_scaled")
+        layer.weight = nn.Parameter(data, requires_grad=False)
+        layer.weight_scale = scale
+        layer.bias = linear.bias
+        root.set_submodule(name, layer)

@@ -108,3 +108,16 @@ def test_gguf_files_are_named(tmp_path: Path) -> None:
     path.write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="GGUF"):
         load_dit(path)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_scaled"])
+def test_an_fp8_model_saved_by_save_dit_loads_back_bit_for_bit(tmp_path: Path, fmt: str) -> None:
+    from dit_trainer.training.models.loader import save_dit
+
+    model = load_dit(tiny_model("qwen_image").state_dict(), quantize=fmt)
+    save_dit(model, tmp_path / "fp8.safetensors")
+    again = load_dit(tmp_path / "fp8.safetensors")
+    assert again.state_dict().keys() == model.state_dict().keys()
+    for key, tensor in model.state_dict().items():
+        assert again.state_dict()[key].dtype == tensor.dtype
+        assert torch.equal(again.state_dict()[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key

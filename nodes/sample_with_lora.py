@@ -126,7 +126,8 @@ class SampleWithLoRA:
 
         path = lora.path if lora is not None else None if lora_name == NO_FILE else host.model_path("loras", lora_name)
         with on_compute_device(model) as device:  # first: adapters are created on their layer's device
-            network = None if path is None else network_for_file(model, path)
+            # .to: the adapters of blocks that block swap keeps in host memory were made there.
+            network = None if path is None else network_for_file(model, path).to(device)
             shape = (model.latent_format.channels, height // downscale, width // downscale)
             check_sampling_fits(model.model, (batch, *shape), cond, neg_cond, cfg, device, f"{node} at {width}x{height}")
             # One seed per image (seed + index), so image i is the same whatever the batch size.

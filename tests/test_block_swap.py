@@ -160,3 +160,32 @@ def test_the_model_table_sets_storage_block_swap_and_compile() -> None:
     assert any(isinstance(m, Float8Linear) for m in model.modules())
     with pytest.raises(ValueError, match=r"\[model\] dtype 'fp4' is not one of"):
         load_model(cfg.model.checkpoint, "fp4", "auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned memory and side-stream copies")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_on_a_gpu_swapped_blocks_stay_off_the_device_and_the_step_is_exact(checkpointing: bool) -> None:
+    results = []
+    for swap in (0, 3):
+        model = load_dit(tiny_model("flux").state_dict())
+        network = seeded_network(model, "flux", NetworkConfig(rank=4, alpha=4), seed=5).attach()  # CPU init
+        model.gradient_checkpointing = checkpointing
+        enable_block_swap(model, swap)
+        move_model(model, "cuda")
+        network.to("cuda")
+        x, sigma, inputs = tiny_inputs(model)
+        inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        loss = (model(x.cuda(), sigma.cuda(), **inputs) - x.cuda()).square().mean()
+        grads = torch.autograd.grad(loss, [p for p in network.parameters() if p.requires_grad], allow_unused=True)
+        torch.cuda.synchronize()
+        if swap:
+            model.block_swap.release()
+            assert all(p.device.type == "cpu" for i in model.block_swap.swapped
+                       for p in model.block_swap.blocks[i].parameters())
+        results.append((loss.item(), [None if g is None else g.cpu() for g in grads]))
+    assert results[0][0] == results[1][0]
+    for plain, swapped in zip(results[0][1], results[1][1]):
+        assert (plain is None and swapped is None) or torch.equal(plain, swapped)

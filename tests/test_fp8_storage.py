@@ -177,3 +177,17 @@ def test_training_on_an_fp8_base_ends_within_tolerance_of_bf16(storage: str) -> 
     relative = (fp8 - bf16).abs() / bf16.abs()
     assert float(relative.max()) <= FP8_TRAINING_TOLERANCE, relative.tolist()
     assert float(fp8[-5:].mean()) < float(fp8[:5].mean())  # it trains
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+def test_quantising_by_row_chunks_equals_one_pass_and_leaves_the_input_alone(monkeypatch, per_row: bool) -> None:
+    from dit_trainer.training.models import quantization
+
+    weight = row_scaled_matrix()
+    original = weight.clone()
+    whole = quantize_fp8(weight, per_row)
+    monkeypatch.setattr(quantization, "QUANTIZE_CHUNK_ELEMENTS", 3 * weight.shape[1])  # 16 chunks of 3 rows
+    chunked = quantize_fp8(weight, per_row)
+    assert torch.equal(chunked[0].view(torch.uint8), whole[0].view(torch.uint8))
+    assert torch.equal(chunked[1], whole[1])
+    assert torch.equal(weight, original)  # an fp32 input is never divided in place

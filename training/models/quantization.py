@@ -30,13 +30,32 @@ FP8_RELATIVE_ERROR = 2.0**-4  # half an ulp of a 3-bit mantissa
 FP8_SUBNORMAL_ERROR = 2.0**-10  # half the subnormal spacing 2^-9, in units of the scale
 
 
+QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of 16 MiB, whatever the layer's size
+
+
+def _row_chunks(weight: torch.Tensor) -> list[slice]:
+    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
 def quantize_fp8(weight: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn data, float32 scale) with weight ~ data * scale; scale [] or [out, 1] (per_row)."""
-    w = weight.detach().to(torch.float32, copy=True)  # the one full-size temporary: the rest is in place
-    amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
+    """(float8_e4m3fn data, float32 scale) of a 2-D weight, weight ~ data * scale; scale [] or [out, 1] (per_row).
+
+    Works through row chunks, so a layer's fp32 temporaries stay small: loading a 12B model
+    never holds a float copy of more than one chunk beside the fp8 data it keeps.
+    """
+    weight = weight.detach()
+    chunks = _row_chunks(weight)
+    amax = torch.cat([weight[rows].float().abs().amax(dim=1, keepdim=True) for rows in chunks])
+    if not per_row:
+        amax = amax.amax()
     # An all-zero row or tensor keeps scale 1: its data is exactly 0 either way.
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return w.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    data = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    for rows in chunks:
+        part_scale = scale[rows] if per_row else scale
+        data[rows] = weight[rows].to(torch.float32, copy=True).div_(part_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return data, scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

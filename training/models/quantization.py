@@ -136,7 +136,7 @@ class Float8Linear(nn.Linear):
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of the float8 weights and their scales in `model` (for logs and the memory benchmark)."""
+    """Bytes of the float8 weights and their scales in `model` (logged when a base loads)."""
     total = 0
     for module in model.modules():
         if isinstance(module, Float8Linear):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -10,6 +11,9 @@ import torch.nn as nn
 from .block_compile import compile_blocks
 from .block_swap import enable_block_swap
 from .loader import load_dit
+from .quantization import Float8Linear, quantized_bytes
+
+log = logging.getLogger(__name__)
 
 # Storage name -> (dtype of everything held as floats and of the compute, float8 format or None).
 WEIGHT_STORAGE = {
@@ -30,6 +34,11 @@ def load_base(path: str | os.PathLike, storage: str, attention: str = "auto", bl
         raise ValueError(f"blocks_to_swap={blocks_to_swap} must be >= 0 (0 keeps every block on the GPU)")
     dtype, quantize = WEIGHT_STORAGE[storage]
     model = load_dit(path, dtype=dtype, quantize=quantize)
+    float8 = sum(isinstance(m, Float8Linear) for m in model.modules())
+    if float8:
+        stored = ", ".join(model.stored_quantization) or f"quantised while loading ({quantize})"
+        log.info("base: %d Linear layers in float8 (%.2f GiB with scales; %s)", float8, quantized_bytes(model) / 2**30,
+                 stored)
     model.set_attention_backend(attention)
     enable_block_swap(model, blocks_to_swap)
     if compile:

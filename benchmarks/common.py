@@ -22,6 +22,7 @@ class Setup:
     quick: bool
     warmup: int
     iters: int
+    quick_asked: bool = False  # --quick given (quick is also implied without CUDA)
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -42,7 +43,8 @@ def parse_setup(description: str, argv: Sequence[str] | None = None) -> Setup:
     quick = args.quick or not cuda
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     iters = args.iters or (3 if quick else 30)
-    return Setup(torch.device("cuda" if cuda else "cpu"), dtype, quick, warmup=1 if quick else 10, iters=iters)
+    return Setup(torch.device("cuda" if cuda else "cpu"), dtype, quick, warmup=1 if quick else 10, iters=iters,
+                 quick_asked=args.quick)
 
 
 def time_ms(fn: Callable[[], object], setup: Setup) -> float:

@@ -248,12 +248,17 @@ def dora_linear(
     return output_op(*args)[0]
 
 
+def _dequantized(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """W0 in fp32 from float8 data and its scale (one value, or one per output row)."""
+    return weight.float() * weight_scale.float().reshape(-1, 1)
+
+
 def base_sq_norm(weight: torch.Tensor, axis: str, *, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """||W0||^2 per input column ([in]) or output row ([out]), fp32; compute once per base weight.
 
-    weight_scale: per-tensor scale of a float8 weight (W0 = weight * weight_scale)."""
+    weight_scale: scale of a float8 weight, per tensor or [out, 1] per row (W0 = weight * weight_scale)."""
     if weight_scale is not None:
-        weight = weight.float() * weight_scale.float()
+        weight = _dequantized(weight, weight_scale)
     return dora_reference.base_sq_norm(weight, axis)
 
 
@@ -270,16 +275,17 @@ def dora_weight_norm(
 ) -> torch.Tensor:
     """||W0 + s B A|| per input column ([in]) or output row ([out]), fp32, never forming B A.
 
-    weight may be float8_e4m3fn with a one-element `weight_scale` (W0 = weight * scale);
+    weight may be float8_e4m3fn with `weight_scale`, one value or one per output row (W0 = weight * scale);
     the Triton kernel reads it as stored, the reference dequantizes it first. The result
     carries no gradient (DoRA detaches the norm).
     """
     _check_choice(backend, axis)
     _check_shapes(weight, lora_A, lora_B)
     _check_base_sq(base_sq, weight, axis)
-    if weight_scale is not None and weight_scale.numel() != 1:
+    if weight_scale is not None and weight_scale.numel() not in (1, weight.shape[0]):
         raise ValueError(
-            f"weight_scale has {weight_scale.numel()} values; only a per-tensor scale (1 value) is supported"
+            f"weight_scale has {weight_scale.numel()} values; a float8 weight needs one scale per tensor or one "
+            f"per output row ({weight.shape[0]})"
         )
     if backend == "auto" and weight.device.type != "cuda":
         backend = "torch"
@@ -288,9 +294,9 @@ def dora_weight_norm(
         raise RuntimeError(f"DoRA backend 'triton' cannot run: {reason}")
     if backend == "torch" or reason:
         if weight_scale is not None:
-            weight = weight.float() * weight_scale.float()
+            weight = _dequantized(weight, weight_scale)
         with torch.no_grad():
             return dora_reference.dora_weight_norm(weight, lora_A, lora_B, scale, axis, base_sq)
     norm_op = _kernels(weight.device)[0]
-    scale_t = None if weight_scale is None else weight_scale.detach().float().reshape(1)
+    scale_t = None if weight_scale is None else weight_scale.detach().float().reshape(-1)
     return norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), base_sq, scale_t, float(scale), axis)

@@ -32,6 +32,8 @@ def _dora_norm_kernel(
     scale,
     HAS_BASE_SQ: tl.constexpr,
     HAS_W_SCALE: tl.constexpr,
+    SCALE_ALONG_M: tl.constexpr,
+    SCALE_ALONG_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -46,7 +48,8 @@ def _dora_norm_kernel(
 
     One program owns BLOCK_M norms and walks k in BLOCK_K steps. Each step reads a
     [BLOCK_M, BLOCK_K] tile of W0 once, in its storage dtype (fp8 tiles times the
-    per-tensor scale), and rebuilds the matching tile of P = B A in registers with one
+    per-tensor scale, or the per-output-row scales: along m on the output axis, along k
+    on the input axis), and rebuilds the matching tile of P = B A in registers with one
     tl.dot over the rank; the tile of P is used and dropped, so B A never reaches memory.
     The cross term <W, P> and the low-rank term ||P||^2 accumulate in fp32, as does
     ||W||^2 when the caller did not pass it (same tile, no extra read of W0). This is
@@ -67,8 +70,12 @@ def _dora_norm_kernel(
         other=0.0,
     ).to(tl.float32)
     w_rows = offs_m.to(tl.int64)[:, None] * stride_wm
+    w_scale = 1.0
     if HAS_W_SCALE:
-        w_scale = tl.load(W_SCALE).to(tl.float32)
+        if SCALE_ALONG_M:
+            w_scale = tl.load(W_SCALE + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        elif not SCALE_ALONG_K:
+            w_scale = tl.load(W_SCALE).to(tl.float32)
     cross = tl.zeros([BLOCK_M], dtype=tl.float32)
     low_rank = tl.zeros([BLOCK_M], dtype=tl.float32)
     base = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -81,7 +88,10 @@ def _dora_norm_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_W_SCALE:
-            w = w * w_scale
+            if SCALE_ALONG_K:
+                w = w * tl.load(W_SCALE + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            else:
+                w = w * w_scale
         right = tl.load(
             RIGHT + offs_r[:, None] * stride_rr + offs_k[None, :] * stride_rk,
             mask=mask_r[:, None] & mask_k[None, :],
@@ -121,8 +131,8 @@ def dora_norm(
 ) -> torch.Tensor:
     """||W0 + s B A|| per input column ([in]) or output row ([out]), fp32.
 
-    weight: W0 [out, in], fp32 / fp16 / bf16, or float8_e4m3fn with `weight_scale` (a
-    one-element fp32 tensor, W0 = weight * weight_scale). base_sq: ||W0||^2 along the
+    weight: W0 [out, in], fp32 / fp16 / bf16, or float8_e4m3fn with `weight_scale`, fp32,
+    one value or one per output row (W0 = weight * weight_scale, rows scaled). base_sq: ||W0||^2 along the
     axis from `dora_reference.base_sq_norm`; None folds it into this pass. Inputs are
     validated by `kernels.dora`, which is the public entry point.
     """
@@ -139,6 +149,7 @@ def dora_norm(
         left, l_strides = lora_A, (lora_A.stride(1), lora_A.stride(0))
         right, r_strides = lora_B, (lora_B.stride(1), lora_B.stride(0))
     norm = torch.empty(m, device=weight.device, dtype=torch.float32)
+    per_row = weight_scale is not None and weight_scale.numel() > 1
     block_r = rank_block(rank)
     block_m, block_k = _blocks(block_r, is_interpreted(_dora_norm_kernel))
     with device_guard(weight):
@@ -158,6 +169,8 @@ def dora_norm(
             scale,
             HAS_BASE_SQ=base_sq is not None,
             HAS_W_SCALE=weight_scale is not None,
+            SCALE_ALONG_M=per_row and axis == "output",
+            SCALE_ALONG_K=per_row and axis == "input",
             BLOCK_M=block_m,
             BLOCK_K=block_k,
             BLOCK_R=block_r,

@@ -63,6 +63,18 @@ def device() -> torch.device:
     return comfy.model_management.get_torch_device()
 
 
+def free_vram() -> None:
+    """Unload every model ComfyUI holds on the GPU (checkpoints, text encoders, VAEs) and return
+    the cached blocks to the driver, before our DiT moves there."""
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+
+
+def return_cached_vram() -> None:
+    """Hand the allocator's cached blocks back, so ComfyUI's own models see the memory as free."""
+    comfy.model_management.soft_empty_cache()
+
+
 def interrupted() -> bool:
     return comfy.model_management.processing_interrupted()
 

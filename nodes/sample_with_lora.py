@@ -14,6 +14,7 @@ from ..training.network.network import LoRANetwork
 from ..training.sampler import check_sampling_fits, sample_euler
 from . import host
 from .comfy_io import conditioning_record, image_decoder_for, pil_to_image, text_encoder_for
+from .gpu_placement import on_compute_device
 from .sockets import CATEGORY, DITT_LORA, DITT_MODEL, DitModel, TrainedLora
 
 NO_FILE = "None"
@@ -124,22 +125,22 @@ class SampleWithLoRA:
             raise ValueError(f"{node}: width {width} and height {height} must be multiples of {multiple}")
 
         path = lora.path if lora is not None else None if lora_name == NO_FILE else host.model_path("loras", lora_name)
-        device = host.device()
-        model.model.to(device)  # first: adapters are created on their layer's device
-        network = None if path is None else network_for_file(model, path)
-        shape = (model.latent_format.channels, height // downscale, width // downscale)
-        check_sampling_fits(model.model, (batch, *shape), cond, neg_cond, cfg, device, f"{node} at {width}x{height}")
-        # One seed per image (seed + index), so image i is the same whatever the batch size.
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
-        if network is not None:
-            network.set_multiplier(strength)
-            network.attach()
-        try:
-            latents = sample_euler(model.model, noise.to(device), cond.to(device),
-                                   None if neg_cond is None else neg_cond.to(device),
-                                   steps=steps, cfg=cfg, shift=shift).float().cpu()
-        finally:
+        with on_compute_device(model) as device:  # first: adapters are created on their layer's device
+            # .to: the adapters of blocks that block swap keeps in host memory were made there.
+            network = None if path is None else network_for_file(model, path).to(device)
+            shape = (model.latent_format.channels, height // downscale, width // downscale)
+            check_sampling_fits(model.model, (batch, *shape), cond, neg_cond, cfg, device, f"{node} at {width}x{height}")
+            # One seed per image (seed + index), so image i is the same whatever the batch size.
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
             if network is not None:
-                network.detach_from_model()
+                network.set_multiplier(strength)
+                network.attach()
+            try:
+                latents = sample_euler(model.model, noise.to(device), cond.to(device),
+                                       None if neg_cond is None else neg_cond.to(device),
+                                       steps=steps, cfg=cfg, shift=shift).float().cpu()
+            finally:
+                if network is not None:
+                    network.detach_from_model()
         image = decode(latents) if decode is not None else pil_to_image(no_vae_notice(width, height, batch))
         return ({"samples": model.latent_format.to_vae(latents)}, image)

@@ -34,6 +34,7 @@ class DitModel:
     latent_format: LatentFormat
     demo: bool  # the embedded demo base: has its own text encoder and pixel VAE
     gradient_checkpointing: bool = False  # recompute activations in backward (TrainLoRA)
+    keep_on_gpu: bool = False  # False: back to host memory after each node's use, VRAM returned to ComfyUI
 
 
 @dataclass

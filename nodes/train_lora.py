@@ -29,6 +29,7 @@ from ..training.timesteps import METHODS
 from ..training.validation import as_points
 from . import host
 from .comfy_io import conditioning_record, pil_to_image, vae_latent_decoder
+from .gpu_placement import on_compute_device
 from .inference_mode import outside_inference_mode
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
@@ -256,7 +257,7 @@ class TrainLoRA:
                                                  dataset.data.item_count(), dataset.data.cfg.resolution)
         for line in advice:  # warnings, never errors: the user may know better
             log.warning("TrainLoRA %s: %s", run_name, line)
-        with run_lock(run_dir, "TrainLoRA name"):
+        with run_lock(run_dir, "TrainLoRA name"), on_compute_device(model):  # first: adapters go on their layer's device
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
                                training_adapter, validation, regularisation, advice)
@@ -289,7 +290,6 @@ class TrainLoRA:
             # browser once, through the pack's gallery (a preview here would be drawn a second time).
             progress.update(event.step, event.total)
 
-        model.model.to(host.device())  # first: adapters are created on their layer's device
         lora = seeded_network(model.model, model.architecture, network.config, cfg.seed).attach()
         try:
             if network.init_from is not None and not run.continuing:

@@ -193,12 +193,16 @@ def test_norm_kernel(kernels_on, device, dtype, axis, with_base_sq, rank):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("axis", ref.AXES)
-def test_norm_kernel_fp8_weight(kernels_on, device, axis):
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+def test_norm_kernel_fp8_weight(kernels_on, device, axis, per_row):
     kernels_on(device)
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8_e4m3fn in Triton needs compute capability 8.9+")
     layer = make_layer(device, torch.float32, axis)
-    w_scale = layer["weight"].abs().amax() / 448.0  # e4m3 max
+    with torch.no_grad():  # rows far apart in size: a per-row scale read along the wrong axis shows
+        layer["weight"] *= torch.logspace(-2, 1, layer["weight"].shape[0], device=device)[:, None]
+    absmax = layer["weight"].abs().amax(dim=1, keepdim=True) if per_row else layer["weight"].abs().amax()
+    w_scale = absmax / 448.0  # e4m3 max
     w_fp8 = (layer["weight"] / w_scale).to(torch.float8_e4m3fn)
     args = (w_fp8, layer["lora_A"], layer["lora_B"], layer["scale"], axis)
     got = dora.dora_weight_norm(*args, weight_scale=w_scale, backend="triton")

@@ -54,6 +54,7 @@ from .data.latents import LatentBatch
 from .ema import AdapterEMA
 from .fused_backward import FusedBackwardOptimizer
 from .losses import flow_loss
+from .models.block_swap import move_model
 from .network.comfy_format import save_adapter
 from .network.network import LoRANetwork
 from .network.training_adapter import TrainingAdapter
@@ -253,7 +254,7 @@ class _Run:
         )
         torch.manual_seed(cfg.seed)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
-        self.model.to(self.accelerator.device)
+        move_model(self.model, self.accelerator.device)  # block swap keeps its swapped blocks in host memory
         self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable.train()

@@ -1,6 +1,7 @@
 """One TOML file describes a whole run for `dit-trainer train`; the node fills the same fields.
 
-    [model]     checkpoint (a .safetensors DiT, or "embedded-demo"), dtype, attention
+    [model]     checkpoint (a .safetensors DiT, or "embedded-demo"), dtype (bf16 | fp16 | fp32 |
+                fp8_e4m3fn | fp8_scaled), attention, blocks_to_swap, compile
     [network]   NetworkConfig fields (algo, rank, alpha, use_rslora, dora_axis, ...),
                 plus continue_from = an adapter file to start from, and
                 training_adapter (+ training_adapter_strength) = a LoRA merged into the
@@ -40,8 +41,10 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 @dataclass
 class ModelSection:
     checkpoint: str = DEMO
-    dtype: str = "bf16"  # fp32 | bf16 | fp16 (storage dtype of the frozen base)
+    dtype: str = "bf16"  # fp32 | bf16 | fp16 | fp8_e4m3fn | fp8_scaled (storage of the frozen base)
     attention: str = "auto"  # auto | cute | flash | sdpa
+    blocks_to_swap: int = 0  # the last N transformer blocks live in host memory, copied in one ahead of use
+    compile: bool = False  # torch.compile each transformer block (dynamic sequence lengths)
 
 
 @dataclass

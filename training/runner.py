@@ -28,7 +28,7 @@ from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
 from .encoders import TEXT_ENCODER_READS_IMAGES, Encoders
 from .loop import PreviewSpec, TrainResult, resume_check, save_trained_adapter, train
 from .models.latent_formats import LatentFormat, latent_format_for
-from .models.loader import load_dit
+from .models.setup import load_base
 from .network.network import seeded_network
 from .network.training_adapter import TrainingAdapter
 from .plots import loss_curve, save_png
@@ -42,7 +42,6 @@ from .advisor import run_advice
 from .validation import as_points
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "restart", "resume")
 DEMO_DATASET_FOLDER = "embedded-demo-dataset"  # beside the run folders: it is input, not part of a run
 
@@ -56,17 +55,14 @@ class RunResult:
     train: TrainResult
 
 
-def load_model(checkpoint: str, dtype: str, attention: str) -> torch.nn.Module:
+def load_model(checkpoint: str, dtype: str, attention: str, blocks_to_swap: int = 0,
+               compile: bool = False) -> torch.nn.Module:
     from .demo.model import BASE_CHECKPOINT, missing_checkpoint_error
 
-    if dtype not in DTYPES:
-        raise ValueError(f"[model] dtype {dtype!r} is not one of {sorted(DTYPES)}")
     path = BASE_CHECKPOINT if checkpoint == DEMO else Path(checkpoint)
     if checkpoint == DEMO and not path.is_file():
         raise missing_checkpoint_error()
-    model = load_dit(path, dtype=DTYPES[dtype])
-    model.set_attention_backend(attention)
-    return model
+    return load_base(path, dtype, attention, blocks_to_swap, compile, option="[model] dtype")
 
 
 def cache_only_encoders(cfg: RunConfig, latents: LatentFormat, architecture: str) -> Encoders:
@@ -143,7 +139,8 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     run_dir = cfg.output.run_dir
     with run_lock(run_dir, "[output] name"):
-        model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention)
+        model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention, cfg.model.blocks_to_swap,
+                           cfg.model.compile)
         encoders = encoders_for(cfg, model)
         folder = dataset_folder(cfg)
         data_cfg = DataConfig(**cfg.data.options)

@@ -5,7 +5,8 @@ Modules (built as module objects, put into sys.modules by the `comfy_host` fixtu
   comfy.utils             ProgressBar; like ComfyUI's global hook (main.hijack_progress) every
                           update first checks the interrupt flag, then is recorded with its preview
                           and the node executing at the time
-  comfy.model_management  the interrupt flag and InterruptProcessingException
+  comfy.model_management  the interrupt flag and InterruptProcessingException; unload_all_models and
+                          soft_empty_cache, recorded in `memory_calls` in the order they come
   server                  PromptServer.instance.send_sync, recorded; like the server's websocket it
                           only carries JSON, and NaN / Infinity fail here as the browser's JSON.parse
                           fails on them
@@ -140,6 +141,9 @@ def _model_management() -> types.ModuleType:
     mod.processing_interrupted = processing_interrupted
     mod.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mod.get_torch_device = lambda: torch.device("cpu")
+    mod.memory_calls = []  # what the pack asked of ComfyUI's model management, in order
+    mod.unload_all_models = lambda: mod.memory_calls.append("unload_all_models")
+    mod.soft_empty_cache = lambda force=False: mod.memory_calls.append("soft_empty_cache")
     return mod
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..storage import atomic_save_safetensors, open_safetensors
+from .blocks import block_linear_names
 from .flux import FluxConfig, FluxDiT
 from .flux_layouts import (
     ARCHITECTURE_OF_FAMILY,
@@ -53,6 +54,7 @@ from .flux_layouts import (
     is_flux2,
     plan_comfy_layout_flux,
 )
+from .quantization import FP8_FORMATS, Float8Linear, dequantize, quantize_fp8
 from .qwen_image import QwenImageConfig, QwenImageDiT
 from .qwen_layouts import (
     QWEN_IMAGE_MARKERS,
@@ -61,6 +63,7 @@ from .qwen_layouts import (
     qwen_config_from_shapes,
     qwen_variant,
 )
+from .stored_quantization import StoredQuantization, read_stored_quantization
 from .zimage import ZImageConfig, ZImageDiT, default_axes_dims
 
 T = TypeVar("T")
@@ -446,6 +449,9 @@ def _open_checkpoint(
         tensors = strip_prefix(source)
         yield {key: tensor.to("meta") for key, tensor in tensors.items()}, tensors.__getitem__, {}, "state dict"
         return
+    if Path(source).suffix.lower() == ".gguf":
+        raise ValueError(f"'{source}' is a GGUF (llama.cpp-quantised) file; only safetensors files are read: use "
+                         "the bf16 / fp16 safetensors release, or ComfyUI's fp8 one, and pick fp8 storage to save memory")
     with open_safetensors(Path(source), "checkpoint") as handle:
         prefix = _model_prefix(handle.keys())
         stand_ins = {}
@@ -485,11 +491,51 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         setattr(module, name, tensor)
 
 
+def _float8_layers(model: nn.Module, plan: LayoutPlan, stored: StoredQuantization, quantize: str | None) -> set[str]:
+    """Linear layers to hold in float8: those a file stores so (kept as stored), plus, with
+    `quantize`, every Linear of the transformer blocks."""
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    as_is = {key.removesuffix(".weight") for key, (sources, combine) in plan.items()
+             if key.endswith(".weight") and combine is as_stored and sources[0] in stored.scales}
+    chosen = as_is & linears
+    if quantize:
+        chosen |= set(block_linear_names(model))
+    return chosen
+
+
+def _use_float8_linears(model: nn.Module, names: set[str]) -> None:
+    """Replace the (meta-device) nn.Linear modules `names` by empty Float8Linear ones."""
+    for name in names:
+        model.set_submodule(name, Float8Linear.like(model.get_submodule(name)))
+
+
+def _read_weights(key: str, sources: tuple[str, ...], combine: Callable, read: Callable, stored: StoredQuantization,
+                  digest: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor, scale) of ComfyUI-layout `key`, hashed as stored: float8 data with its scale when
+    the file stores it so as is, else the (dequantised, fused) floats and None."""
+    parts = [read(source) for source in sources]
+    scales = [stored.scale(source, read) for source in sources]
+    if all(scale is None for scale in scales):
+        tensor = combine(parts)  # split parts are dropped right after fusing
+        _hash_tensor(digest, key, tensor)  # of the stored weights, before any cast
+        return tensor, None
+    for source, part, scale in zip(sources, parts, scales):
+        _hash_tensor(digest, source, part)
+        if scale is not None:
+            _hash_tensor(digest, f"{source}.weight_scale", scale)
+    if combine is as_stored:
+        return parts[0], scales[0]
+    # Fusing float8 parts with different scales: fuse their fp32 values instead.
+    return combine([part if scale is None else dequantize(part, scale, torch.float32)
+                    for part, scale in zip(parts, scales)]), None
+
+
 def load_dit(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     metadata: Mapping[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Build a frozen, eval-mode DiT from a .safetensors file or an in-memory state dict.
 
@@ -499,11 +545,23 @@ def load_dit(
     `weights_hash`), which ties adapters to these base weights. Tensors that need no
     fusing or cast are shared with the source (a state dict's tensors, or the mapped
     file), not copied.
+
+    `quantize` ("fp8_e4m3fn": per-tensor scale, "fp8_scaled": per-row scales) stores the
+    Linear weights of the transformer blocks in float8, quantised tensor by tensor as they
+    are read, so no full-precision copy of the model ever exists; everything else is held
+    in `dtype`, which is also the compute dtype of the float8 layers. Weights a file stores
+    in float8 (ComfyUI fp8 / scaled_fp8 / comfy_quant files) stay float8 as stored, with or
+    without `quantize`. The base hash is of the stored tensors (and scales), whatever the
+    storage chosen here.
     """
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {list(LOAD_DTYPES)}")
+    if quantize not in (None, *FP8_FORMATS):
+        raise ValueError(f"quantize {quantize!r} is not one of {list(FP8_FORMATS)} (or None for {dtype} storage)")
     with _open_checkpoint(source) as (stand_ins, read, file_metadata, origin):
         merged_metadata = {**file_metadata, **(metadata or {})}
+        stored = read_stored_quantization(stand_ins, read, origin)
+        stand_ins = {key: tensor for key, tensor in stand_ins.items() if key not in stored.side_keys}
         arch = ARCHITECTURES[detect_architecture(stand_ins)]
         config = arch.infer_config(stand_ins, merged_metadata)  # before conversion: split keys name the patch size
         variant = arch.variant(config)
@@ -511,15 +569,25 @@ def load_dit(
         with torch.device("meta"):  # no memory for weights about to be replaced
             model = arch.model_class(config)
         _check_keys(model, apply_plan(plan, stand_ins), f"{origin} ({variant})")  # shapes only, nothing read yet
+        float8_layers = _float8_layers(model, plan, stored, quantize)
+        _use_float8_linears(model, float8_layers)
 
         digest = hashlib.sha256()
+        per_row = quantize != "fp8_e4m3fn"
         for key in sorted(plan):  # weights_hash's order
-            sources, combine = plan[key]
-            stored = combine([read(source) for source in sources])  # split parts are dropped right after fusing
-            _hash_tensor(digest, key, stored)  # of the stored weights, before any cast
-            cast = dtype if stored.is_floating_point() else None  # as nn.Module.to casts
-            _assign(model, key, stored.to(device=device, dtype=cast))
-            del stored  # the next tensor needs this one's memory, not a second copy
+            tensor, scale = _read_weights(key, *plan[key], read, stored, digest)
+            layer = key.removesuffix(".weight")
+            if key.endswith(".weight") and layer in float8_layers:
+                # Kept as stored, or quantised now on the target device: no full-precision model ever exists.
+                data, scale = (tensor, scale) if scale is not None else quantize_fp8(tensor.to(device), per_row)
+                _assign(model, key, data.to(device))
+                _assign(model, f"{layer}.weight_scale", scale.to(device))
+            else:
+                if scale is not None:
+                    tensor = dequantize(tensor, scale, torch.float32)
+                cast = dtype if tensor.is_floating_point() else None  # as nn.Module.to casts
+                _assign(model, key, tensor.to(device=device, dtype=cast))
+            del tensor  # the next tensor needs this one's memory, not a second copy
 
     left_on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if left_on_meta:
@@ -533,6 +601,7 @@ def load_dit(
     model.source_metadata = merged_metadata
     model.variant = variant
     model.base_hash = digest.hexdigest()[:16]
+    model.stored_quantization = sorted(stored.formats)
     return model
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.dora import base_sq_norm, dora_linear, dora_weight_norm
+from ..models.quantization import FLOAT8_DTYPES, dequantized_weight, weight_scale_of
 from .adapter_base import AdapterModule, lora_scale
 from .factor_init import INITS, init_down, pissa_factors
 
@@ -40,25 +41,8 @@ from .factor_init import INITS, init_down, pissa_factors
 DORA_EPS = torch.finfo(torch.float32).eps
 ALGOS = ("lora", "dora")
 DORA_AXES = ("input", "output")
-FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 __all__ = ["ALGOS", "DORA_AXES", "DORA_EPS", "INITS", "LoRAModule", "lora_scale", "weight_scale_of"]
-
-
-def weight_scale_of(base: nn.Module) -> torch.Tensor | None:
-    """Per-tensor scale of a scaled-fp8 base weight (W0 = weight * scale), or None."""
-    for attr in ("weight_scale", "scale_weight"):  # ours / ComfyUI's scaled-fp8 name
-        scale = getattr(base, attr, None)
-        if isinstance(scale, torch.Tensor):
-            return scale
-    return None
-
-
-def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The live base weight W0 in `dtype` (no copy when it already is that dtype and unscaled)."""
-    scale = weight_scale_of(base)
-    weight = base.weight.to(dtype)
-    return weight if scale is None else weight * scale.to(dtype)
 
 
 class LoRAModule(AdapterModule):

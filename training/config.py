@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from .losses import LossConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
+from .trackers import TrackingConfig
 
 
 @dataclass
@@ -43,12 +44,15 @@ class TrainConfig:
     save_every: int = 0  # resumable checkpoint every N steps (0: only at the end / on interrupt)
     keep_last: int = 3  # resumable states kept; adapter snapshots are all kept for post-hoc EMA (0: keep all)
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN / inf losses
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # experiment trackers (trackers.py)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         if isinstance(self.timesteps, dict):
             self.timesteps = TimestepConfig(**self.timesteps)
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig(**self.tracking)
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "grad_accum", "ema_update_every"):
             if getattr(self, name) < 1:

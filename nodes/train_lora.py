@@ -27,6 +27,7 @@ from ..training.schedules import SCHEDULES
 from ..training.timesteps import METHODS
 from . import host
 from .comfy_io import conditioning_record, pil_to_image, vae_latent_decoder
+from .handoff import write_handoff
 from .inference_mode import outside_inference_mode
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
@@ -227,6 +228,7 @@ class TrainLoRA:
             settings = training_adapter.recorded_in(settings)
         with run_lock(run_dir, "TrainLoRA name"):
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
+            write_handoff(model, network, dataset, cfg, run_dir)  # the same run, headless (README "Train on more GPUs")
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
                                training_adapter)
 

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_resumable, resumable_checkpoints
 from .data.config import DataConfig
-from .data.files import dataset_fingerprint
+from .data.files import dataset_fingerprint, weighted_fingerprint
 from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
 from .distributed import main_first, on_main, processes
@@ -129,7 +129,15 @@ def dataset_for_run(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoders
         folder, data_cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale,
         encoders.encoder_id, patch, encoders.text_reads_images,
     )
-    return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
+    return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight) if cfg.data.mask_weights else data
+
+
+def dataset_identity(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoder_id: str) -> str:
+    """The dataset's fingerprint as the nodes make it (DatasetFromFolder, then WeightedMask when masks weigh the
+    loss), so a run the node handed off (run.toml) keeps its settings and resumes in either place."""
+    identity = dataset_fingerprint(folder, data_cfg, encoder_id)
+    return weighted_fingerprint(identity, cfg.data.mask_gamma, cfg.data.mask_min_weight) if cfg.data.mask_weights \
+        else identity
 
 
 def _resume_run(run_dir: Path, settings: dict, cfg: RunConfig, about: dict, processes: int) -> PreparedRun:
@@ -152,8 +160,7 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
         encoders = encoders_for(cfg, model)
         folder = on_main(lambda: dataset_folder(cfg), procs)
         data_cfg = DataConfig(**cfg.data.options)
-        identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
-                                       cfg.data.mask_min_weight)
+        identity = dataset_identity(folder, data_cfg, cfg, encoders.encoder_id)
         settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
                                 cfg.network.continue_from or None, procs.count)
         training_adapter = None

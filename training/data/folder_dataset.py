@@ -368,6 +368,11 @@ class FolderDataset:
             weights=None if self._weights is None else torch.stack([self._weights[i] for i in members]),
         )
 
+    @property
+    def mask_weighting(self) -> tuple[float, float]:
+        """(gamma, min_weight) of the last `with_mask_weights` ((1, 0) before it)."""
+        return self._mask_gamma, self._mask_min_weight
+
     def preview_references(self) -> tuple[torch.Tensor, ...]:
         """The first edit pair's reference latents, one row each, for previews of an edit model; () without pairs."""
         return tuple(r[None] for r in self._references[0])

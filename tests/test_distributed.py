@@ -15,6 +15,7 @@ two halves not summed) changes the losses at the first step by far more.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,7 +43,7 @@ NAME = "ddp"
 LAUNCH_SECONDS: list[float] = []  # printed at the end: each launch's wall time
 
 
-def write_config(folder: Path, batch_size: int, steps: int = STEPS) -> Path:
+def write_config(folder: Path, batch_size: int, steps: int = STEPS, fsdp: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "run.toml"
     config.write_text(textwrap.dedent(f"""
@@ -51,7 +52,7 @@ def write_config(folder: Path, batch_size: int, steps: int = STEPS) -> Path:
         dtype = "fp32"
 
         [network]
-        algo = "lora"
+        algo = "dora"
         rank = 4
         alpha = 4
 
@@ -72,6 +73,7 @@ def write_config(folder: Path, batch_size: int, steps: int = STEPS) -> Path:
         keep_last = 0
         ema_decay = 0.5
         scale_weight_norms = 0.05
+        fsdp = {str(fsdp).lower()}
 
         [output]
         dir = "runs"
@@ -171,6 +173,16 @@ def test_two_processes_of_batch_2_train_the_one_process_batch_4_adapter(tmp_path
     assert done.stdout.count("done at step 4") == 1  # one process reports
     state = load_state(list_checkpoints(run / NAME)[-1])
     assert state.extra["processes"] == 2 and state.micro_batches == STEPS  # global batches drawn
+
+
+def test_fsdp_sharded_base_trains_the_same_adapter(tmp_path, reference):
+    """FSDP2 (fully_shard, gloo) of the frozen base: each process holds half of it, the training is the same."""
+    done = launch(write_config(tmp_path / "fsdp", batch_size=2, fsdp=True))
+    held = re.findall(r"sharded over 2 processes in (\d+) blocks \+ the rest; this process holds ([\d.]+) MB of its "
+                      r"([\d.]+) MB", done.stdout + done.stderr)
+    assert len(held) == 2 and int(held[0][0]) > 0  # both processes sharded it
+    assert all(float(mine) < 0.6 * float(whole) for _, mine, whole in held)
+    assert_same_trajectory(tmp_path / "fsdp", reference)
 
 
 def test_two_processes_stopped_and_continued_by_one(tmp_path, reference):

@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # with several processes: shard the frozen base with FSDP2 (distributed.py)
     ema_decay: float = 0.0  # online EMA of the adapter (0: off)
     ema_start_step: int = 0
     ema_update_every: int = 1

@@ -37,20 +37,36 @@ Decisions, and why:
   same message instead of leaving them waiting.
 * Stop requests (Cancel, Ctrl-C, SIGTERM) are agreed with `any_process`, so all processes
   stop after the same step and the checkpoint is complete.
+* A frozen base that does not fit one GPU (`[train] fsdp = true`): `shard_frozen_base`
+  shards it with FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit per transformer
+  block and the rest at the root, as accelerate's FSDP2 plugin does with its transformer
+  wrap policy. Each block is moved to the device and sharded in turn, so the GPU never
+  holds more than the shards plus one whole block. The adapters stay outside the sharded
+  modules, replicated, with their gradients summed as above: FSDP only all-gathers the
+  frozen weights for each block's forward and backward, so the maths is the unsharded
+  one. The loop calls fully_shard itself rather than `accelerator.prepare(model)` with
+  accelerate's FSDP plugin: accelerate's FSDP2 preparation re-points the optimizer's
+  parameters at the model's sharded ones, and ours are the adapter's, outside the model;
+  and accelerate enables FSDP on accelerators only, while fully_shard runs under gloo on
+  CPUs too, which is how it is tested. Every process then takes part in each forward,
+  so with fsdp the previews are rendered by all of them (the main process keeps them).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
+import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .data.latents import LatentBatch
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -172,3 +188,27 @@ def main_first(fn: Callable[[], T], procs: Processes | None = None) -> T:
         return fn()
     result = on_main(fn, procs)
     return result if procs.is_main else fn()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a DiT: the members of its top-level ModuleLists (layers, double_blocks, ...)."""
+    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+
+
+def shard_frozen_base(model: nn.Module, procs: Processes, device: torch.device) -> None:
+    """Shard the frozen base across the processes with FSDP2, block by block (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("train option fsdp shards a frozen base; this model has trainable weights (train an "
+                         "adapter network, or turn fsdp off)")
+    mesh = init_device_mesh(device.type, (procs.count,))
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    held = sum(p.to_local().nbytes for p in model.parameters())
+    whole = sum(p.nbytes for p in model.parameters())  # a DTensor's nbytes is the whole tensor's
+    log.info("fsdp: the frozen base is sharded over %d processes in %d blocks + the rest; this process holds "
+             "%.1f MB of its %.1f MB", procs.count, len(blocks), held / 2**20, whole / 2**20)

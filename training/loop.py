@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from PIL import Image
 
 from . import distributed, signals, trackers
@@ -269,9 +269,19 @@ class _Run:
             log_with=cfg.tracking.log_with or None,
             project_dir=None if self.run_dir is None else self.run_dir / trackers.LOG_FOLDER,
         )
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("launch with a multi-GPU accelerate config (accelerate/one_node.yaml), not an FSDP one, "
+                             "and set [train] fsdp = true: the trainer shards the frozen base itself (distributed.py)")
         torch.manual_seed(cfg.seed)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
-        self.model.to(self.accelerator.device)
+        self.sharded = cfg.fsdp and self.procs.several
+        if self.sharded:
+            if self.training_adapter is not None:
+                raise ValueError("train option fsdp cannot merge a training adapter into a sharded base; "
+                                 "turn fsdp off or train without the training adapter")
+            distributed.shard_frozen_base(self.model, self.procs, self.accelerator.device)  # moves it block by block
+        else:
+            self.model.to(self.accelerator.device)
         self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable.train()
@@ -482,7 +492,8 @@ class _Run:
             norm_stats=norm_stats,
         )
         due = cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps)
-        if self.specs and due and self.procs.is_main:  # previews are for the one process that shows and writes
+        # Previews are for the main process, which shows and writes them; a sharded base needs every process.
+        if self.specs and due and (self.procs.is_main or self.sharded):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
             with _eval_view(self.raw_optimizer, self.params), ema_weights, self.training_adapter_lifted():

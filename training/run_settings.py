@@ -20,7 +20,8 @@ from typing import Any
 
 # Options that change what is written or shown, never the weights.
 FREE = {
-    "train": ("sample_every", "save_every", "keep_last", "gradient_checkpointing", "max_nonfinite_steps", "tracking"),
+    "train": ("sample_every", "save_every", "keep_last", "gradient_checkpointing", "max_nonfinite_steps", "tracking",
+              "fsdp"),
     "network": ("verbose",),
 }
 ADJUSTABLE = ("train.steps", "train.lr")  # may change on resume: meaningful, applied and logged

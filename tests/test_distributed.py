@@ -19,7 +19,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from dit_trainer.training.losses import flow_loss
 from dit_trainer.training.network.comfy_format import read_safetensors
 from dit_trainer.training.run_config import load_run_config
 from dit_trainer.training.runner import run_training
+from demo_toml import write_demo_config
 
 REPO = Path(dit_trainer.__file__).resolve().parent
 ONE_NODE = REPO / "accelerate" / "one_node.yaml"
@@ -44,25 +44,11 @@ LAUNCH_SECONDS: list[float] = []  # printed at the end: each launch's wall time
 
 
 def write_config(folder: Path, batch_size: int, steps: int = STEPS, fsdp: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "run.toml"
-    config.write_text(textwrap.dedent(f"""
-        [model]
-        checkpoint = "embedded-demo"
-        dtype = "fp32"
-
+    return write_demo_config(folder, f"""
         [network]
         algo = "dora"
         rank = 4
         alpha = 4
-
-        [data]
-        folder = "embedded-demo"
-        resolution = 32
-        bucket_step = 4
-        min_side = 32
-        max_side = 32
-        mask_min_weight = 0.2
 
         [train]
         steps = {steps}
@@ -78,8 +64,7 @@ def write_config(folder: Path, batch_size: int, steps: int = STEPS, fsdp: bool =
         [output]
         dir = "runs"
         name = "{NAME}"
-    """))
-    return config
+    """, data="mask_min_weight = 0.2\n")
 
 
 def free_port() -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import textwrap
+import re
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from dit_trainer.training.config import TrainConfig
 from dit_trainer.training.run_config import load_run_config
 from dit_trainer.training.runner import run_training
 from dit_trainer.training.trackers import LOG_FOLDER, TrackingConfig, check_installed
+from demo_toml import write_demo_config
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator", reason="tensorboard is in the test extra")
@@ -18,23 +20,11 @@ event_accumulator = pytest.importorskip(
 STEPS = 4
 
 
-def write_config(tmp_path, log_with: str) -> str:
-    config = tmp_path / "run.toml"
-    config.write_text(textwrap.dedent(f"""
-        [model]
-        checkpoint = "embedded-demo"
-        dtype = "fp32"
-
+def write_config(tmp_path, log_with: str) -> Path:
+    return write_demo_config(tmp_path, f"""
         [network]
         rank = 4
         alpha = 4
-
-        [data]
-        folder = "embedded-demo"
-        resolution = 32
-        bucket_step = 4
-        min_side = 32
-        max_side = 32
 
         [train]
         steps = {STEPS}
@@ -54,8 +44,7 @@ def write_config(tmp_path, log_with: str) -> str:
         [output]
         dir = "runs"
         name = "tracked"
-    """))
-    return str(config)
+    """)
 
 
 def test_tensorboard_logs_every_step_scalars_and_the_previews(tmp_path, monkeypatch):
@@ -87,3 +76,12 @@ def test_no_tracker_by_default_and_a_missing_one_names_its_package(tmp_path, mon
     monkeypatch.setattr("accelerate.tracking._available_trackers", [])
     with pytest.raises(ValueError, match="pip install tensorboard"):
         check_installed(TrackingConfig(log_with=["tensorboard"]))
+
+
+def test_readme_tracking_table_is_valid():
+    from dit_trainer.training.run_config import tomllib
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(\[train\.tracking\].*?)```", readme, re.S)
+    cfg = TrainConfig.from_dict(tomllib.loads(block)["train"])
+    assert cfg.tracking.log_with == ["tensorboard"]

@@ -275,6 +275,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
         self.sharded = cfg.fsdp and self.procs.several
+        if cfg.fsdp and not self.sharded:
+            log.info("fsdp is on but this run has one process: it holds the whole base (launch several to shard it)")
         if self.sharded:
             if self.training_adapter is not None:
                 raise ValueError("train option fsdp cannot merge a training adapter into a sharded base; "

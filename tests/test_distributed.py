@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -73,16 +75,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, command: str = "train") -> subprocess.CompletedProcess:
+def launch_command(config: Path, command: str = "train") -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO.parent), env.get("PYTHONPATH", "")) if p)
     env["HF_HOME"] = str(config.parent / "hf_home")  # no user default accelerate config
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ONE_NODE), "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", "dit_trainer.training.cli", command, config.name], env
+
+
+def launch(config: Path, command: str = "train") -> subprocess.CompletedProcess:
+    args, env = launch_command(config, command)
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ONE_NODE), "--num_processes", "2",
-         "--main_process_port", str(free_port()), "-m", "dit_trainer.training.cli", command, config.name],
-        cwd=config.parent, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = subprocess.run(args, cwd=config.parent, env=env, capture_output=True, text=True, timeout=300)
     LAUNCH_SECONDS.append(time.perf_counter() - start)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -191,3 +195,40 @@ def test_a_different_global_batch_is_refused_naming_both(tmp_path):
     in_process(write_config(folder, batch_size=4, steps=2))
     with pytest.raises(ValueError, match=r"global batch of 4 \(batch_size 4 x 1 process\(es\)\) but this run has 2"):
         in_process(write_config(folder, batch_size=2), mode="resume")
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoint(tmp_path):
+    config = write_config(tmp_path / "stopped", batch_size=2, steps=100_000)
+    run = config.parent / "runs" / NAME
+    args, env = launch_command(config)
+    launcher = subprocess.Popen(args, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(run) and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert list_checkpoints(run), "the launched run wrote no checkpoint"
+        (rank_1,) = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                     if "dit_trainer.training.cli" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        rank_1.send_signal(signal.SIGTERM)  # as a scheduler preempting one node would
+        signalled = time.perf_counter()
+        stdout, stderr = launcher.communicate(timeout=180)
+        print(f"SIGTERM to rank 1: every process ended {time.perf_counter() - signalled:.1f} s later")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    newest = list_checkpoints(run)[-1]
+    state = load_state(newest)  # complete, resumable
+    assert newest.name == f"step_{state.step:06d}" and 0 < state.step < 100_000
+    # The main process reports the other process's SIGTERM and the step both stopped at.
+    assert f"stopped by SIGTERM at step {state.step} of 100000" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert not (run / f"{NAME}.safetensors").exists()  # a stopped run leaves its checkpoint, no final adapter
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    one = load_config_from_file(str(ONE_NODE))
+    many = load_config_from_file(str(REPO / "accelerate" / "multi_node.yaml"))
+    assert one.distributed_type == many.distributed_type == "MULTI_GPU" and one.num_machines == 1
+    assert many.num_machines == 2 and many.main_process_ip and many.num_processes % many.num_machines == 0

@@ -35,8 +35,8 @@ Decisions, and why:
   tracker logs, demo data). `on_main` runs a writer there and hands its result, or its
   error, to the others, so a failure on the main process ends every process with the
   same message instead of leaving them waiting.
-* Stop requests (Cancel, Ctrl-C, SIGTERM) are agreed with `any_process`, so all processes
-  stop after the same step and the checkpoint is complete.
+* Stop requests (Cancel, Ctrl-C, SIGTERM) are agreed with `first_reason`, so all processes
+  stop after the same step, with one complete checkpoint and the same exit code.
 * A frozen base that does not fit one GPU (`[train] fsdp = true`): `shard_frozen_base`
   shards it with FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit per transformer
   block and the rest at the root, as accelerate's FSDP2 plugin does with its transformer
@@ -60,7 +60,7 @@ from typing import Callable, TypeVar
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast_object_list, gather_object, reduce
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -134,11 +134,16 @@ def sum_gradients(params: list[torch.Tensor], procs: Processes) -> None:
         p.grad = summed.view_as(p)
 
 
-def any_process(flag: bool, procs: Processes, device: torch.device) -> bool:
-    """True on every process when `flag` is true on any of them."""
+def first_reason(reason: str | None, procs: Processes, device: torch.device) -> str | None:
+    """The reason of the lowest-ranked process that has one (a stop request), the same on every process.
+
+    One scalar all-reduce per call; the reasons themselves are gathered only when there is one.
+    """
     if not procs.several:
-        return flag
-    return bool(sum_over(torch.tensor([float(flag)], device=device), procs).item() > 0)
+        return reason
+    if sum_over(torch.tensor([float(reason is not None)], device=device), procs).item() == 0:
+        return None
+    return next(r for r in gather_object([reason]) if r is not None)
 
 
 def check_in_step(params: list[torch.Tensor], procs: Processes, step: int) -> None:

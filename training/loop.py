@@ -274,16 +274,7 @@ class _Run:
                              "and set [train] fsdp = true: the trainer shards the frozen base itself (distributed.py)")
         torch.manual_seed(cfg.seed)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
-        self.sharded = cfg.fsdp and self.procs.several
-        if cfg.fsdp and not self.sharded:
-            log.info("fsdp is on but this run has one process: it holds the whole base (launch several to shard it)")
-        if self.sharded:
-            if self.training_adapter is not None:
-                raise ValueError("train option fsdp cannot merge a training adapter into a sharded base; "
-                                 "turn fsdp off or train without the training adapter")
-            distributed.shard_frozen_base(self.model, self.procs, self.accelerator.device)  # moves it block by block
-        else:
-            self.model.to(self.accelerator.device)
+        self.place_base()
         self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable.train()
@@ -311,6 +302,19 @@ class _Run:
             for spec in self.specs:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
                                     spec.cfg, self.accelerator.device, spec.label)
+
+    def place_base(self) -> None:
+        """The frozen base on this process's device, or sharded across the processes (train option fsdp)."""
+        self.sharded = self.cfg.fsdp and self.procs.several
+        if self.cfg.fsdp and not self.sharded:
+            log.info("fsdp is on but this run has one process: it holds the whole base (launch several to shard it)")
+        if not self.sharded:
+            self.model.to(self.accelerator.device)
+            return
+        if self.training_adapter is not None:
+            raise ValueError("train option fsdp cannot merge a training adapter into a sharded base; "
+                             "turn fsdp off or train without the training adapter")
+        distributed.shard_frozen_base(self.model, self.procs, self.accelerator.device)  # moves it block by block
 
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
@@ -509,9 +513,7 @@ class _Run:
     def stop_reason(self) -> str | None:
         """Why to stop after this step, agreed by every process (one stopping alone would leave the others waiting)."""
         reason = "stop requested" if self.should_stop is not None and self.should_stop() else signals.stop_requested()
-        if distributed.any_process(reason is not None, self.procs, self.accelerator.device):
-            return reason or "a stop request on another process"
-        return None
+        return distributed.first_reason(reason, self.procs, self.accelerator.device)
 
     # --- the loop -------------------------------------------------------------------
 

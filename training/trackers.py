@@ -17,27 +17,27 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
+from accelerate.utils import LoggerType
 from PIL import Image
 
 from .progress import ProgressEvent
 
 LOG_FOLDER = "logs"  # under the run folder
-# accelerate's tracker names and the package each needs (pip install <package>).
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
-            "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-            "trackio": "trackio"}
+# accelerate's tracker names; each is also the name of the package to install ("all" is not offered:
+# a run logs to what it names).
+TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
 
 
 @dataclass
 class TrackingConfig:
-    log_with: list[str] = field(default_factory=list)  # tracker names (PACKAGES); [] logs nothing
+    log_with: list[str] = field(default_factory=list)  # tracker names (TRACKERS); [] logs nothing
     project: str = ""  # the trackers' project / run name; "" uses the run folder's name
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.log_with if name not in PACKAGES]
+        unknown = [name for name in self.log_with if name not in TRACKERS]
         if unknown:
             raise ValueError(f"train option tracking.log_with has unknown tracker(s) {unknown}; "
-                             f"known: {sorted(PACKAGES)}")
+                             f"known: {sorted(TRACKERS)}")
 
 
 def check_installed(cfg: TrackingConfig) -> None:
@@ -47,7 +47,7 @@ def check_installed(cfg: TrackingConfig) -> None:
     available = {str(t) for t in _available_trackers}
     missing = [name for name in cfg.log_with if name not in available]
     if missing:
-        install = " ".join(PACKAGES[name] for name in missing)
+        install = " ".join(missing)
         extra = " (or pip install 'comfyui-dit-trainer[tracking]')" if missing == ["tensorboard"] else ""
         raise ValueError(f"train option tracking.log_with asks for {missing}, which is not installed: "
                          f"pip install {install}{extra}, or remove it from log_with")

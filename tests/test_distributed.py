@@ -190,11 +190,13 @@ def test_one_process_stopped_and_continued_by_two(tmp_path, reference):
     print("accelerate launch wall times (s):", ", ".join(f"{s:.1f}" for s in LAUNCH_SECONDS))
 
 
-def test_a_different_global_batch_is_refused_naming_both(tmp_path):
-    folder = tmp_path / "other_batch"
-    in_process(write_config(folder, batch_size=4, steps=2))
+def test_a_different_global_batch_is_refused_naming_both(reference):
+    """The reference run (1 x 4) continued as 1 x 2: refused before anything is written."""
+    before = sorted(p.name for p in list_checkpoints(reference / "runs" / NAME))
     with pytest.raises(ValueError, match=r"global batch of 4 \(batch_size 4 x 1 process\(es\)\) but this run has 2"):
-        in_process(write_config(folder, batch_size=2), mode="resume")
+        in_process(write_config(reference, batch_size=2, steps=STEPS + 2), mode="resume")
+    assert sorted(p.name for p in list_checkpoints(reference / "runs" / NAME)) == before
+    write_config(reference, batch_size=4)  # the reference's own config again
 
 
 def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoint(tmp_path):

@@ -30,6 +30,7 @@ from ..training.validation import as_points
 from . import host
 from .comfy_io import conditioning_record, pil_to_image, vae_latent_decoder
 from .gpu_placement import on_compute_device
+from .handoff import write_handoff
 from .inference_mode import outside_inference_mode
 from .sockets import (
     CATEGORY, DITT_DATASET, DITT_LORA, DITT_LORA_NETWORK, DITT_MODEL, DitModel, LoraNetworkSpec, TrainedLora,
@@ -259,6 +260,7 @@ class TrainLoRA:
             log.warning("TrainLoRA %s: %s", run_name, line)
         with run_lock(run_dir, "TrainLoRA name"), on_compute_device(model):  # first: adapters go on their layer's device
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
+            write_handoff(model, network, dataset, cfg, run_dir)  # the same run, headless (README "Train on more GPUs")
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
                                training_adapter, validation, regularisation, advice)
 

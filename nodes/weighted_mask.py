@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
 
+from ..training.data.files import weighted_fingerprint
 from .inference_mode import outside_inference_mode
 from .sockets import CATEGORY, DITT_DATASET, TrainingSet
 
@@ -57,8 +57,6 @@ class WeightedMask:
         masks = None if mask is None else masks_per_item(mask, len(dataset.data.items))
         weighted = dataset.data.with_mask_weights(mask_gamma, mask_min_weight, masks)
         mask_hash = "" if mask is None else hashlib.sha256(mask.detach().float().cpu().numpy().tobytes()).hexdigest()
-        fingerprint = hashlib.sha256(
-            json.dumps([dataset.fingerprint, mask_gamma, mask_min_weight, mask_hash]).encode()
-        ).hexdigest()[:16]
+        fingerprint = weighted_fingerprint(dataset.fingerprint, mask_gamma, mask_min_weight, mask_hash)
         summary = f"{dataset.summary}\nmask weights: gamma {mask_gamma:g}, min weight {mask_min_weight:g}"
         return (TrainingSet(weighted, dataset.encoders, fingerprint, summary),)

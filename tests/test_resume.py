@@ -135,7 +135,7 @@ def test_schedulefree_checkpoint_adapter_holds_the_eval_weights(tmp_path):
 def test_resume_refuses_a_different_batch_size(tmp_path):
     model, network, data = fresh(NetworkConfig(rank=2))
     train(model, network, data, run_config(steps=2, warmup_steps=0, ema_decay=0.0), run_dir=tmp_path)
-    with pytest.raises(ValueError, match="batch_size=2"):
+    with pytest.raises(ValueError, match=r"global batch of 2 \(batch_size 2 x 1 process"):
         train(model, network, data, run_config(steps=4, batch_size=1, warmup_steps=0, ema_decay=0.0), run_dir=tmp_path, resume_from=tmp_path)
 
 

@@ -6,6 +6,13 @@
     dit-trainer ema-merge FILES... --out F     post-hoc EMA over saved adapter checkpoints
     dit-trainer pretrain-demo [...]            re-create the embedded demo base checkpoint
 
+On several processes (the same config, README "Train on more GPUs"):
+
+    accelerate launch --num_processes N -m dit_trainer.training.cli train CONFIG.toml
+
+each process trains its rows of every global batch; the main process alone writes and
+prints (distributed.py).
+
 Every expected failure (a bad option, a missing or damaged file, a full or read-only
 disk, a locked run, a diverged run) prints one line that says what to change, and exits
 with 2 for bad input or 1 for a failed run; `--debug` shows the traceback instead.
@@ -47,17 +54,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from .distributed import processes
     from .run_config import load_run_config
     from .runner import run_training
 
     cfg = load_run_config(args.config)
     mode = "resume" if args.command == "resume" else "restart" if args.restart else "train"
-    on_progress, bar = progress_bar(cfg.train.steps, f"{cfg.output.name}")
+    main_process = processes().is_main
+    on_progress, bar = progress_bar(cfg.train.steps, f"{cfg.output.name}") if main_process else (None, None)
     try:
         result = run_training(cfg, mode=mode, on_progress=on_progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        PartialState().destroy_process_group()  # a launched run's processes end together (nothing without one)
     train = result.train
+    if not main_process:  # the main process reports
+        return STOP_EXIT_CODES.get(train.stop_reason, FAILED) if train.stopped_early else 0
     if train.stopped_early:
         where = train.last_checkpoint or result.run_dir / "checkpoints"
         print(f"stopped by {train.stop_reason} at step {train.steps_done} of {cfg.train.steps}; checkpoint {where}")

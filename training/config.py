@@ -14,6 +14,7 @@ from .noise import NoiseConfig
 from .preservation import PreservationConfig
 from .options import from_plain
 from .timesteps import TimestepConfig
+from .trackers import TrackingConfig
 from .validation import ValidationConfig
 
 
@@ -44,6 +45,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the frozen base)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # with several processes: shard the frozen base with FSDP2 (distributed.py)
     ema_decay: float = 0.0  # online EMA of the adapter (0: off)
     ema_start_step: int = 0
     ema_update_every: int = 1
@@ -53,6 +55,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN / inf losses
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out loss (validation.py)
     validation_split: float = 0.0  # fraction of the images held out of training for validation (0: none)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # experiment trackers (trackers.py)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
@@ -65,6 +68,8 @@ class TrainConfig:
             self.noise = NoiseConfig(**self.noise)
         if isinstance(self.validation, dict):
             self.validation = ValidationConfig(**self.validation)
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig(**self.tracking)
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "grad_accum", "ema_update_every"):
             if getattr(self, name) < 1:

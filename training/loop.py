@@ -16,6 +16,10 @@ signals.py) and when an exception ends the run; the write cannot be cut short by
 second signal; weights that turn NaN / inf stop the run at once and are never saved,
 so the newest checkpoint stays the last finite one.
 
+Several processes (`accelerate launch`, distributed.py): every process draws the same
+global batch, noise and sigmas and trains its own rows; the trainable gradients are
+summed across processes once per optimizer step; only the main process writes files.
+
 A training adapter (network/training_adapter.py) is merged into the base while steps
 run and lifted for previews; the base holds its original weights again when train()
 returns or raises.
@@ -34,9 +38,10 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from PIL import Image
 
-from . import signals
+from . import distributed, signals, trackers
 from .checkpoint import (
     ADAPTER_FILE,
     TrainState,
@@ -185,9 +190,20 @@ def _eval_view(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> 
                 p.copy_(value)
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
-    """Options that change the data stream or the update rule must match the checkpoint's."""
-    for name in ("seed", "batch_size", "grad_accum", "optimizer"):
+def _check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_processes: int, processes: int) -> None:
+    """Options that change the data stream or the update rule must match the checkpoint's.
+
+    The batch that counts is the global one (per-process batch x processes, distributed.py).
+    """
+    saved_global, global_batch = saved.get("batch_size", 0) * saved_processes, cfg.batch_size * processes
+    if saved_global != global_batch:
+        raise ValueError(
+            f"cannot resume from {where}: it was trained with a global batch of {saved_global} (batch_size "
+            f"{saved.get('batch_size')!r} x {saved_processes} process(es)) but this run has {global_batch} "
+            f"(batch_size {cfg.batch_size} x {processes}); set batch_size so that batch_size x processes = "
+            f"{saved_global} to continue it, or start a new run"
+        )
+    for name in ("seed", "grad_accum", "optimizer"):
         if saved.get(name) != getattr(cfg, name):
             raise ValueError(
                 f"cannot resume from {where}: it was trained with {name}={saved.get(name)!r} but this run has "
@@ -195,9 +211,10 @@ def _check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
             )
 
 
-def resume_check(state: TrainState, settings: dict, cfg: TrainConfig, where: Path) -> dict[str, tuple]:
-    """The settings a resume from `state` changes (steps / lr); raises for any other difference."""
-    _check_resumable(state.config, cfg, where)
+def resume_check(state: TrainState, settings: dict, cfg: TrainConfig, where: Path,
+                 processes: int = 1) -> dict[str, tuple]:
+    """The settings a resume from `state` on `processes` processes changes (steps / lr); raises for any other difference."""
+    _check_resumable(state.config, cfg, where, state.extra.get("processes", 1), processes)
     if "settings" in state.extra:
         return resume_changes(state.extra["settings"], settings, where, state.step)
     # Checkpoints from before settings were recorded: their train options are all there is.
@@ -237,8 +254,10 @@ class _Run:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.resume_from, self.adapter_metadata = resume_from, adapter_metadata
         self.base_hash = getattr(model, "base_hash", "")
+        self.procs = distributed.processes()
         network = getattr(getattr(trainable, "cfg", None), "to_dict", None)
-        self.settings = settings or run_settings(cfg.to_dict(), network() if network else None, self.base_hash, "")
+        self.settings = settings or run_settings(cfg.to_dict(), network() if network else None, self.base_hash, "",
+                                                 processes=self.procs.count)
         self.training_adapter: TrainingAdapter | None = training_adapter
         if training_adapter is not None:  # a resume with another training adapter is refused
             self.settings = training_adapter.recorded_in(self.settings)
@@ -247,14 +266,22 @@ class _Run:
 
     def set_up(self) -> None:
         cfg = self.cfg
+        trackers.check_installed(cfg.tracking)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
+            # The schedule counts optimizer steps: without split_batches a prepared scheduler steps once per process.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=cfg.tracking.log_with or None,
+            project_dir=None if self.run_dir is None else self.run_dir / trackers.LOG_FOLDER,
         )
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("launch with a multi-GPU accelerate config (accelerate/one_node.yaml), not an FSDP one, "
+                             "and set [train] fsdp = true: the trainer shards the frozen base itself (distributed.py)")
         torch.manual_seed(cfg.seed)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + 1)  # sigmas and noise
-        move_model(self.model, self.accelerator.device)  # block swap keeps its swapped blocks in host memory
+        self.place_base()
         self.trainable.to(self.accelerator.device)  # adapters live outside the model's module tree
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable.train()
@@ -269,6 +296,9 @@ class _Run:
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError("nothing to train: the trainable module has no parameters with requires_grad")
+        if cfg.fused_backward_pass and self.procs.several:
+            raise ValueError("fused_backward_pass steps each parameter inside backward, before the processes' "
+                             "gradients are summed; turn it off when launching several processes")
         # Fused backward: the parameters step in their grad hooks, so the loop's step / zero_grad do nothing.
         build = FusedBackwardOptimizer if cfg.fused_backward_pass else make_optimizer
         self.optimizer = build(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer_kwargs,
@@ -279,9 +309,11 @@ class _Run:
                     if cfg.ema_decay else None)
         self.result = TrainResult(ema=self.ema)
         self.start_step, self.micro_batches = 0, 0
+        self.grad_norm: float | None = None  # of the last optimizer step, before clipping (when clipping is on)
         self.set_up_data()
-        self.timestep_pool = (TimestepPool(cfg.timesteps.num_buckets, cfg.seed, cfg.batch_size, len(self.data))
-                              if cfg.timesteps.num_buckets > 1 else None)
+        # The pool stratifies the global batch stream, so it does not depend on the process count.
+        self.timestep_pool = (TimestepPool(cfg.timesteps.num_buckets, cfg.seed, cfg.batch_size * self.procs.count,
+                                           len(self.data)) if cfg.timesteps.num_buckets > 1 else None)
         if cfg.sample_every:  # a preview that cannot fit fails now, not hours into the run
             for spec in self.specs:
                 check_sampling_fits(self.model, (spec.cond.batch, *spec.latent_shape), spec.cond, spec.neg_cond,
@@ -304,10 +336,26 @@ class _Run:
         if self.regularisation_data is not None:
             self.data = WithRegularisation(self.data, self.regularisation_data, cfg.preservation.reg_weight)
 
+    def place_base(self) -> None:
+        """The frozen base on this process's device, or sharded across the processes (train option fsdp)."""
+        self.sharded = self.cfg.fsdp and self.procs.several
+        if self.cfg.fsdp and not self.sharded:
+            log.info("fsdp is on but this run has one process: it holds the whole base (launch several to shard it)")
+        if not self.sharded:
+            move_model(self.model, self.accelerator.device)  # block swap keeps its swapped blocks in host memory
+            return
+        if getattr(self.model, "block_swap", None) is not None:
+            raise ValueError("train option fsdp shards the base across processes; block swap (blocks_to_swap) keeps "
+                             "blocks in host memory instead: use one of them (set blocks_to_swap to 0 with fsdp)")
+        if self.training_adapter is not None:
+            raise ValueError("train option fsdp cannot merge a training adapter into a sharded base; "
+                             "turn fsdp off or train without the training adapter")
+        distributed.shard_frozen_base(self.model, self.procs, self.accelerator.device)  # moves it block by block
+
     def restore(self) -> None:
         """Continue from `resume_from`: every state of the checkpoint, after checking its settings."""
         where, state = load_resumable(self.resume_from)
-        changes = resume_check(state, self.settings, self.cfg, where)
+        changes = resume_check(state, self.settings, self.cfg, where, self.procs.count)
         with torch.no_grad():
             try:
                 missing, unexpected = self.trainable.load_state_dict(state.trainable, strict=False)
@@ -346,6 +394,7 @@ class _Run:
         self.raw_optimizer = self.optimizer  # schedule-free mode switches go to the optimizer itself
         self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
         train_mode(self.raw_optimizer)
+        trackers.start_trackers(self.accelerator, self.cfg.tracking, self.run_dir, self.cfg.to_dict())
 
     def training_adapter_merged(self) -> contextlib.AbstractContextManager:
         """The training adapter merged into the base inside (nothing without one); restored on any exit."""
@@ -367,8 +416,11 @@ class _Run:
         return {p.name: p for p in saved if p is not None}
 
     def save_checkpoint(self, rng: dict[str, torch.Tensor], micro: int) -> None:
-        """Write a resumable checkpoint of the current weights (never non-finite ones); no signal can cut it short."""
-        if self.run_dir is None:
+        """Write a resumable checkpoint of the current weights (never non-finite ones); no signal can cut it short.
+
+        The main process writes it; every process holds the same values (distributed.py).
+        """
+        if self.run_dir is None or not self.procs.is_main:
             return
         step = self.result.steps_done
         raw = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
@@ -394,7 +446,7 @@ class _Run:
                     config=self.cfg.to_dict(),
                     ema=None if self.ema is None else self.ema.state_dict(),
                     extra={"settings": self.settings, "resume_history": self.result.resume_history,
-                           "validation": self.result.validation},
+                           "validation": self.result.validation, "processes": self.procs.count},
                 )
                 folder = save_state(checkpoint_dir(self.run_dir, step), state, files)
             finally:
@@ -406,28 +458,41 @@ class _Run:
     # --- one step ---------------------------------------------------------------------
 
     def micro_step(self, batches: Iterator[LatentBatch], step: int, step_losses: list[float]) -> None:
-        """One micro-batch: forward, loss, backward, and on the last of `grad_accum` the optimizer step."""
-        cfg, accelerator = self.cfg, self.accelerator
+        """One micro-batch: forward, loss, backward, and on the last of `grad_accum` the optimizer step.
+
+        The batch, noise and sigmas are the global batch's; this process trains its rows, and its
+        loss is its share of the global loss, whose sum over processes is what is shown.
+        """
+        cfg, accelerator, procs = self.cfg, self.accelerator, self.procs
         batch = next(batches)
         self.micro_batches += 1
-        x0 = batch.latents.to(accelerator.device)
-        noise = training_noise(x0.shape, cfg.noise, self.noise_rng).to(accelerator.device)
-        n_tokens = image_tokens(self.model, x0.shape[-2:])  # resolution-dependent shifts count these
+        shape = batch.latents.shape
+        noise = training_noise(shape, cfg.noise, self.noise_rng)
+        n_tokens = image_tokens(self.model, shape[-2:])  # resolution-dependent shifts count these
         pool = self.timestep_pool  # stratified draws per epoch (timesteps.py) or None
-        pooled = None if pool is None else pool.uniforms(self.micro_batches - 1, x0.shape[0])
-        sigma = sample_sigmas(cfg.timesteps, x0.shape[0], n_tokens, self.noise_rng, pooled).to(accelerator.device)
+        pooled = None if pool is None else pool.uniforms(self.micro_batches - 1, shape[0])
+        sigma = sample_sigmas(cfg.timesteps, shape[0], n_tokens, self.noise_rng, pooled)
+        rows = distributed.local_rows(shape[0], procs)
+        share = distributed.loss_share(batch, rows)
+        if procs.several:
+            batch, noise, sigma = distributed.local_batch(batch, rows), noise[rows], sigma[rows]
+        x0, noise, sigma = (t.to(accelerator.device) for t in (batch.latents, noise, sigma))
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
         cond = batch.cond.with_guidance(cfg.guidance).to(accelerator.device)
         with accelerator.accumulate(self.trainable), accelerator.autocast():
-            pred = self.model(noisy, sigma, **cond.model_inputs(self.model))
-            weights = None if batch.weights is None else batch.weights.to(accelerator.device)
-            loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma) * batch.loss_scale
-            if cfg.preservation.dop_weight > 0 and not batch.regularisation:
-                class_cond = check_class_prompts(batch).with_guidance(cfg.guidance).to(accelerator.device)
-                loss = loss + cfg.preservation.dop_weight * dop_loss(self.model, self.trainable, noisy, sigma,
-                                                                     class_cond)
-            if not torch.isfinite(loss):
+            if len(rows):
+                pred = self.model(noisy, sigma, **cond.model_inputs(self.model))
+                weights = None if batch.weights is None else batch.weights.to(accelerator.device)
+                loss = flow_loss(pred, noise - x0, weights, cfg.loss, sigma) * batch.loss_scale * share
+                if cfg.preservation.dop_weight > 0 and not batch.regularisation:
+                    class_cond = check_class_prompts(batch).with_guidance(cfg.guidance).to(accelerator.device)
+                    loss = loss + cfg.preservation.dop_weight * share * dop_loss(self.model, self.trainable, noisy,
+                                                                                 sigma, class_cond)
+            else:  # a short global batch left no rows here: this process adds nothing
+                loss = torch.zeros((), device=accelerator.device)
+            global_loss = distributed.sum_over(loss.detach(), procs)
+            if not torch.isfinite(global_loss):  # the same decision on every process
                 # A NaN / inf batch must not reach the weights; skip it and stop if it persists.
                 self.result.skipped_nonfinite += 1
                 self.nonfinite_run += 1
@@ -439,21 +504,23 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 return
             self.nonfinite_run = 0
-            accelerator.backward(loss)
+            if len(rows):
+                accelerator.backward(loss)
             if accelerator.sync_gradients:
                 self.step_start = None  # from here until the step is complete no exact state exists
+                distributed.sum_gradients(self.params, procs)
                 if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients and not _all_finite(self.params):
                 raise NonFiniteError(
                     f"the adapter weights became NaN or infinite in the update of step {step + 1} (its loss was "
-                    f"{loss.item():.4g}): the update diverged; lower the lr (now {self.scheduler.get_last_lr()[0]:.3g}), "
+                    f"{global_loss.item():.4g}): the update diverged; lower the lr (now {self.scheduler.get_last_lr()[0]:.3g}), "
                     "keep max_grad_norm on, or use a lower loraplus_lr_ratio. Nothing non-finite was saved"
                 )
-        step_losses.append(loss.item())  # CPU-GPU sync, once per micro-batch
+        step_losses.append(global_loss.item())  # CPU-GPU sync, once per micro-batch
 
     def after_step(self, step: int, step_losses: list[float]) -> ProgressEvent:
         cfg = self.cfg
@@ -477,7 +544,9 @@ class _Run:
         )
         self.validate(step + 1)
         event.validation = self.unreported_validation(step + 1)
-        if self.specs and cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
+        sample_due = cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps)
+        # Previews are for the main process, which shows and writes them; a sharded base needs every process.
+        if self.specs and sample_due and (self.procs.is_main or self.sharded):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
             with _eval_view(self.raw_optimizer, self.params), ema_weights, self.training_adapter_lifted():
@@ -485,12 +554,14 @@ class _Run:
                     event.previews += render_previews(self.model, spec)
                     event.preview_captions += spec.captions
             self.trainable.train()
+        trackers.log_step(self.accelerator, event, self.grad_norm, self.result.skipped_nonfinite)
         return event
 
     def validate(self, step: int) -> None:
         """Evaluate the validation loss after `step` steps when due; kept in the result and the run folder."""
         vcfg = self.cfg.validation
-        if self.validation_examples and due(vcfg, step, self.cfg.steps):
+        # The main process shows and writes it; a sharded base needs every process for the forward.
+        if self.validation_examples and due(vcfg, step, self.cfg.steps) and (self.procs.is_main or self.sharded):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None and vcfg.use_ema \
                 else contextlib.nullcontext()
@@ -501,7 +572,7 @@ class _Run:
                                          self.accelerator.device, self.cfg.guidance, self.accelerator.autocast)
             self.trainable.train()
             self.result.validation.append({"step": step, **record})
-            if self.run_dir is not None:
+            if self.run_dir is not None and self.procs.is_main:
                 write_series(self.run_dir, self.result.validation)
             log.info("validation loss at step %d: %.6g", step, record["loss"])
 
@@ -512,9 +583,9 @@ class _Run:
         return points
 
     def stop_reason(self) -> str | None:
-        if self.should_stop is not None and self.should_stop():
-            return "stop requested"
-        return signals.stop_requested()
+        """Why to stop after this step, agreed by every process (one stopping alone would leave the others waiting)."""
+        reason = "stop requested" if self.should_stop is not None and self.should_stop() else signals.stop_requested()
+        return distributed.first_reason(reason, self.procs, self.accelerator.device)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -522,7 +593,8 @@ class _Run:
         cfg, result = self.cfg, self.result
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        batches = self.data.batches(cfg.batch_size, cfg.seed, start=self.micro_batches)
+        # The global batch stream, the same on every process; each trains its rows of it.
+        batches = self.data.batches(cfg.batch_size * self.procs.count, cfg.seed, start=self.micro_batches)
         result.steps_done = self.start_step
         self.clock = StepClock()
         self.nonfinite_run = 0
@@ -539,10 +611,11 @@ class _Run:
                 for _ in range(cfg.grad_accum):
                     self.micro_step(batches, step, step_losses)
                 event = self.after_step(step, step_losses)
-                if self.on_progress is not None:
+                if self.on_progress is not None and self.procs.is_main:
                     self.on_progress(event)  # may raise (ComfyUI's interrupt): the except clause saves the step
                 stop = self.stop_reason()
                 if step + 1 == cfg.steps or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    distributed.check_in_step(self.params, self.procs, step + 1)
                     self.save_checkpoint(*self.step_start)
                 if stop:
                     result.stopped_early, result.stop_reason = step + 1 < cfg.steps, stop
@@ -560,6 +633,7 @@ class _Run:
             result.seconds = self.clock.elapsed
             if cfg.fused_backward_pass:
                 self.raw_optimizer.remove_hooks()
+            trackers.finish(self.accelerator)
         if is_schedule_free(self.raw_optimizer):
             self.raw_optimizer.eval()  # leave the trainable holding the schedule-free eval weights
         return result

@@ -7,6 +7,7 @@
                 training_adapter (+ training_adapter_strength) = a LoRA merged into the
                 base while training only (distilled bases; training_adapter.py)
     [data]      folder (or "embedded-demo"), DataConfig fields, mask_gamma, mask_min_weight,
+                mask_weights = false to train without mask loss weights (a graph without WeightedMask),
                 reg_folder (regularisation images, read with the same options; preservation.py)
     [train]     TrainConfig fields, with [train.loss], [train.timesteps] and [train.validation]
                 sub-tables ([train.validation] folder = held-out images, read with the [data] options)
@@ -15,19 +16,30 @@
 
 Every table is optional except [data]; an unknown key anywhere is an error that lists
 the known keys, so a typo never silently falls back to a default.
+
+`write_run_config` writes such a file: TrainLoRA leaves `run.toml` in its run folder, the
+complete headless config of that run, so the same training runs with `dit-trainer train`
+or `accelerate launch` (README "Train on more GPUs") into the same run folder, with the
+same settings fingerprint, and either side continues the other's checkpoints. Paths in it
+are relative to the run folder when they lie inside the same tree (ComfyUI's folder):
+that tree can move as a whole.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from .config import TrainConfig
 from .data.config import DataConfig
 from .network.network import NetworkConfig
 from .options import checked_values, from_plain
+from .storage import OUTPUT_FIX, atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,6 +47,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 DEMO = "embedded-demo"
+RUN_CONFIG_FILE = "run.toml"  # in a run folder: the run's headless config (written by TrainLoRA)
+RELATIVE_UP_TO = 3  # a path at most this many folders up from the run folder is written relative to it
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -62,6 +76,7 @@ class DataSection:
     encoder_id: str = ""  # real models: the encoder id DatasetFromFolder cached the dataset under
     mask_gamma: float = 1.0
     mask_min_weight: float = 0.0
+    mask_weights: bool = True  # false: the dataset's masks do not weight the loss (TrainLoRA without WeightedMask)
     reg_folder: str = ""  # class images that alternate with the training batches ("" = none)
 
 
@@ -113,7 +128,9 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
         raise ValueError('the config needs a [data] table with folder = "<images folder>" (or "embedded-demo")')
 
     def resolve(path: str) -> str:
-        return path if not path or path == DEMO or Path(path).is_absolute() else str(base_dir / path)
+        # Normalised and absolute: the dataset and continue_from paths are part of the run's settings, so a
+        # path given relative to the config names the same run as the absolute one (TrainLoRA's run.toml).
+        return path if not path or path == DEMO else os.path.abspath(base_dir / path)
 
     model = from_plain(ModelSection, dict(values.get("model", {})), "model")
     model.checkpoint = resolve(model.checkpoint)
@@ -124,7 +141,8 @@ def parse_run_config(values: dict, base_dir: Path = Path(".")) -> RunConfig:
                          "network")
     network.continue_from, network.training_adapter = resolve(network.continue_from), resolve(network.training_adapter)
     data_values = dict(values["data"])
-    own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight", "reg_folder")
+    own = {k: data_values.pop(k) for k in ("folder", "encoder_id", "mask_gamma", "mask_min_weight", "mask_weights",
+                                           "reg_folder")
            if k in data_values}
     data = from_plain(DataSection, {**own, "options": checked_values(DataConfig, data_values, "data")}, "data")
     data.folder, data.reg_folder = resolve(data.folder), resolve(data.reg_folder)
@@ -151,3 +169,76 @@ def load_run_config(path: str | Path) -> RunConfig:
         return parse_run_config(values, path.parent)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def _path_from(run_dir: Path, path: str | os.PathLike) -> str:
+    """`path` relative to the run folder when it is at most RELATIVE_UP_TO folders up, else absolute."""
+    absolute = os.path.abspath(path)
+    try:
+        relative = os.path.relpath(absolute, os.path.abspath(run_dir))
+    except ValueError:  # another drive (Windows)
+        return absolute
+    ups = Path(relative).parts.count("..")
+    return Path(relative).as_posix() if ups <= RELATIVE_UP_TO else absolute
+
+
+def _plain(values: dict) -> dict:
+    """TOML has no null: options left at None (their default) are left out."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class HandOff:
+    """What a run in ComfyUI was made of, for `write_run_config` (paths are absolute; DEMO for the demo base)."""
+
+    checkpoint: str
+    dtype: str
+    attention: str
+    network: NetworkConfig
+    data_folder: Path
+    data: DataConfig
+    encoder_id: str
+    mask_weighting: tuple[float, float] | None  # (gamma, min_weight) when masks weigh the loss
+    train: TrainConfig
+    continue_from: Path | None = None
+    training_adapter: Path | None = None
+    training_adapter_strength: float = 1.0
+
+
+def run_config_values(run: HandOff, run_dir: Path) -> dict:
+    """The TOML tables of `run`, for a run.toml inside `run_dir` that trains into `run_dir`."""
+    network = {**run.network.to_dict()}
+    if run.continue_from is not None:
+        network["continue_from"] = _path_from(run_dir, run.continue_from)
+    if run.training_adapter is not None:
+        network["training_adapter"] = _path_from(run_dir, run.training_adapter)
+        network["training_adapter_strength"] = run.training_adapter_strength
+    gamma, min_weight = run.mask_weighting or (1.0, 0.0)
+    data = {"folder": _path_from(run_dir, run.data_folder), **_plain(run.data.to_dict()), "encoder_id": run.encoder_id,
+            "mask_weights": run.mask_weighting is not None, "mask_gamma": gamma, "mask_min_weight": min_weight}
+    checkpoint = run.checkpoint if run.checkpoint == DEMO else _path_from(run_dir, run.checkpoint)
+    return {
+        "model": {"checkpoint": checkpoint, "dtype": run.dtype, "attention": run.attention},
+        "network": _plain(network),
+        "data": data,
+        "train": run.train.to_dict(),
+        "output": {"dir": _path_from(run_dir, run_dir.parent), "name": run_dir.name},
+    }
+
+
+def write_run_config(run: HandOff, run_dir: Path) -> Path:
+    """Write `run_dir`/run.toml (atomically); reading it back gives the run's settings (checked here)."""
+    values = run_config_values(run, run_dir)
+    header = (
+        "# The complete headless config of this run, written by TrainLoRA; it trains into this folder and\n"
+        "# continues its checkpoints (either way: ComfyUI resumes what the CLI trained). Run it with\n"
+        "#   dit-trainer train run.toml\n"
+        "#   accelerate launch --num_processes N -m dit_trainer.training.cli train run.toml\n"
+        f"# batch_size is per process: keep batch_size x N = {run.train.batch_size} to continue this run.\n"
+        "# Previews ([sample]) need ComfyUI's VAE and text encoder and are left out.\n\n"
+    )
+    text = header + tomli_w.dumps(values)
+    parse_run_config(tomllib.loads(text), run_dir)  # a file the CLI would refuse is never written
+    path = run_dir / RUN_CONFIG_FILE
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"), OUTPUT_FIX)
+    return path

@@ -21,7 +21,7 @@ from typing import Any
 # Options that change what is written or shown, never the weights.
 FREE = {
     "train": ("sample_every", "save_every", "keep_last", "gradient_checkpointing", "max_nonfinite_steps",
-              "validation"),
+              "validation", "tracking", "fsdp"),
     "network": ("verbose",),
 }
 ADJUSTABLE = ("train.steps", "train.lr")  # may change on resume: meaningful, applied and logged
@@ -36,8 +36,14 @@ def file_identity(path: str | os.PathLike | None) -> list | None:
 
 
 def run_settings(train: dict, network: dict | None, base_hash: str, dataset: str,
-                 continue_from: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The settings that shape the weights (JSON-able; tuples become lists)."""
+                 continue_from: str | os.PathLike | None = None, processes: int = 1) -> dict[str, Any]:
+    """The settings that shape the weights (JSON-able; tuples become lists).
+
+    `batch_size` is recorded as the global batch (the per-process batch x `processes`,
+    distributed.py): what shapes the weights is the global batch, so a run continues on
+    another number of processes that trains the same one.
+    """
+    train = {**train, "batch_size": train["batch_size"] * processes} if "batch_size" in train else train
     settings = {
         "train": {k: v for k, v in train.items() if k not in FREE["train"]},
         "network": None if network is None else {k: v for k, v in network.items() if k not in FREE["network"]},

@@ -10,10 +10,15 @@ The run folder `<[output] dir>/<[output] name>/` follows run_folder.py: it is lo
 the run; `train` continues a run with the same settings (a finished one returns at once)
 and moves a run with other settings aside; `train --restart` moves any run aside;
 `resume` continues the run and refuses settings that differ, except steps and lr.
+
+Under `accelerate launch` every process runs this; the main process alone holds the lock
+and writes (run record, demo dataset, dataset caches first, final adapter, loss plot),
+and the others use what it wrote (distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +27,10 @@ import torch
 
 from .checkpoint import load_resumable, resumable_checkpoints
 from .data.config import DataConfig
-from .data.files import dataset_fingerprint
+from .data.files import dataset_fingerprint, weighted_fingerprint
 from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
+from .distributed import main_first, on_main, processes
 from .encoders import TEXT_ENCODER_READS_IMAGES, Encoders
 from .loop import PreviewSpec, TrainResult, resume_check, save_trained_adapter, train
 from .models.latent_formats import LatentFormat, latent_format_for
@@ -121,35 +127,44 @@ def dataset_for_run(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoders
         folder, data_cfg, encoders.encode_images, encoders.encode_text, encoders.latent_downscale,
         encoders.encoder_id, patch, encoders.text_reads_images,
     )
-    return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight)
+    return data.with_mask_weights(cfg.data.mask_gamma, cfg.data.mask_min_weight) if cfg.data.mask_weights else data
 
 
-def _resume_run(run_dir: Path, settings: dict, cfg: RunConfig, about: dict) -> PreparedRun:
+def dataset_identity(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoder_id: str) -> str:
+    """The dataset's fingerprint as the nodes make it (DatasetFromFolder, then WeightedMask when masks weigh the
+    loss), so a run the node handed off (run.toml) keeps its settings and resumes in either place."""
+    identity = dataset_fingerprint(folder, data_cfg, encoder_id)
+    if cfg.data.mask_weights:
+        identity = weighted_fingerprint(identity, cfg.data.mask_gamma, cfg.data.mask_min_weight)
+    if cfg.data.reg_folder:  # the class images shape the weights too (TrainLoRA's regularisation input)
+        identity += f"+reg:{dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoder_id)}"
+    return identity
+
+
+def _resume_run(run_dir: Path, settings: dict, cfg: RunConfig, about: dict, processes: int) -> PreparedRun:
     """`resume`: the run must exist; its settings may differ only in steps and lr (checked before training)."""
     if not resumable_checkpoints(run_dir):
         raise FileNotFoundError(f"nothing to resume in {run_dir}: it has no resumable checkpoint; "
                                 "start the run with `dit-trainer train`")
     where, state = load_resumable(run_dir)
-    resume_check(state, settings, cfg.train, where)
+    resume_check(state, settings, cfg.train, where, processes)
     return record_run(run_dir, read_record(run_dir).get("run_id"), settings, about, continuing=True)
 
 
 def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallback | None = None) -> RunResult:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    run_dir = cfg.output.run_dir
-    with run_lock(run_dir, "[output] name"):
+    run_dir, procs = cfg.output.run_dir, processes()
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(run_lock(run_dir, "[output] name")), procs)  # the writer locks
         model = load_model(cfg.model.checkpoint, cfg.model.dtype, cfg.model.attention, cfg.model.blocks_to_swap,
                            cfg.model.compile)
         encoders = encoders_for(cfg, model)
-        folder = dataset_folder(cfg)
+        folder = on_main(lambda: dataset_folder(cfg), procs)
         data_cfg = DataConfig(**cfg.data.options)
-        reg_identity = ([dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoders.encoder_id)]
-                        if cfg.data.reg_folder else [])  # the class images shape the weights too
-        identity = dataset_fingerprint(folder, data_cfg, encoders.encoder_id, cfg.data.mask_gamma,
-                                       cfg.data.mask_min_weight, *reg_identity)
+        identity = dataset_identity(folder, data_cfg, cfg, encoders.encoder_id)
         settings = run_settings(cfg.train.to_dict(), cfg.network.config.to_dict(), model.base_hash, identity,
-                                cfg.network.continue_from or None)
+                                cfg.network.continue_from or None, procs.count)
         training_adapter = None
         if cfg.network.training_adapter:
             training_adapter = TrainingAdapter(model, model.architecture, cfg.network.training_adapter,
@@ -157,9 +172,9 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             settings = training_adapter.recorded_in(settings)
         about = {"dataset": str(folder), "base": cfg.model.checkpoint}
         if mode == "resume":
-            run = _resume_run(run_dir, settings, cfg, about)
+            run = on_main(lambda: _resume_run(run_dir, settings, cfg, about, procs.count), procs)
         else:
-            run = prepare_run(run_dir, settings, resume=mode == "train", about=about)
+            run = on_main(lambda: prepare_run(run_dir, settings, resume=mode == "train", about=about), procs)
         if run.continuing and mode == "train":
             log.info("continuing the run in %s (same settings; `--restart` starts over)", run_dir)
 
@@ -168,7 +183,7 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             from .network.importer import load_adapter_into
 
             log.info("%s", load_adapter_into(network, cfg.network.continue_from))
-        data = dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size)
+        data = main_first(lambda: dataset_for_run(folder, data_cfg, cfg, encoders, model.cfg.patch_size), procs)
         log.info("%s", data.summary())
         if cfg.model.checkpoint != DEMO:  # the tiny demo model is not held to real models' recipes
             for advice in run_advice(model.architecture, cfg.train, cfg.network.config, data.item_count(),
@@ -176,11 +191,12 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
                 log.warning("settings advisor: %s", advice)
         held_out = regularisation = None
         if cfg.train.validation.folder:  # held-out images, read with the training folder's [data] options
-            held_out = dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,
-                                       model.cfg.patch_size)
+            held_out = main_first(lambda: dataset_for_run(Path(cfg.train.validation.folder), data_cfg, cfg, encoders,
+                                                          model.cfg.patch_size), procs)
             log.info("validation set %s:\n%s", cfg.train.validation.folder, held_out.summary())
         if cfg.data.reg_folder:
-            regularisation = dataset_for_run(Path(cfg.data.reg_folder), data_cfg, cfg, encoders, model.cfg.patch_size)
+            regularisation = main_first(lambda: dataset_for_run(Path(cfg.data.reg_folder), data_cfg, cfg, encoders,
+                                                                model.cfg.patch_size), procs)
             log.info("regularisation images %s:\n%s", cfg.data.reg_folder, regularisation.summary())
         metadata = {"ss_output_name": cfg.output.name, RUN_ID_KEY: run.run_id,
                     **(training_adapter.metadata() if training_adapter is not None else {})}
@@ -190,11 +206,16 @@ def run_training(cfg: RunConfig, mode: str = "train", on_progress: ProgressCallb
             settings=settings, training_adapter=training_adapter, validation_data=held_out,
             regularisation_data=regularisation,
         )
-        adapter_path = ema_path = None
-        if not result.stopped_early:
-            adapter_path, ema_path = save_trained_adapter(
-                network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash, metadata
-            )
-        plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss",
-                                   validation=as_points(result.validation)), run_dir / "loss.png", OUTPUT_FIX)
+
+        def write_outputs() -> tuple[Path | None, Path | None, Path]:
+            adapter_path = ema_path = None
+            if not result.stopped_early:
+                adapter_path, ema_path = save_trained_adapter(
+                    network, run_dir / f"{cfg.output.name}.safetensors", result, cfg.train, model.base_hash, metadata
+                )
+            plot = save_png(loss_curve(result.losses, title=f"{cfg.output.name} training loss",
+                                       validation=as_points(result.validation)), run_dir / "loss.png", OUTPUT_FIX)
+            return adapter_path, ema_path, plot
+
+        adapter_path, ema_path, plot = on_main(write_outputs, procs)
     return RunResult(adapter_path, ema_path, plot, run_dir, result)

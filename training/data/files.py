@@ -202,8 +202,32 @@ def folder_state(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def dataset_fingerprint(folder: Path, cfg: DataConfig, encoder_id: str, *extra) -> str:
-    """Identity of an encoded dataset: the folder's files, the data options, the encoders (and `extra`,
-    e.g. mask weighting), so a run knows when its data changed."""
-    payload = json.dumps([str(folder), folder_state(folder), cfg.to_dict(), encoder_id, *extra], default=str)
+def folder_contents(folder: Path) -> str:
+    """sha256 of every file below `folder` (hidden files and caches excluded): its path inside the folder
+    and its bytes. Unlike `folder_state` it does not depend on where the folder lives or when it was copied."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = os.path.join(dirpath, name)
+            content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            digest.update(f"{Path(os.path.relpath(path, folder)).as_posix()}|{content}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# Where the caches live does not shape the batches: a run moved to other storage keeps its identity.
+_PLACEMENT_OPTIONS = ("cache_dir", "cache_latents_to_disk")
+
+
+def dataset_fingerprint(folder: Path, cfg: DataConfig, encoder_id: str) -> str:
+    """Identity of an encoded dataset: the folder's contents, the data options and the encoders, so a run
+    knows when its data changed, and a run moved to another machine (the same files elsewhere) does not."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in _PLACEMENT_OPTIONS}
+    payload = json.dumps([folder_contents(folder), options, encoder_id], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def weighted_fingerprint(fingerprint: str, mask_gamma: float, mask_min_weight: float, mask_hash: str = "") -> str:
+    """Identity of a dataset whose loss its masks weight (WeightedMask; `mask_hash`: masks given instead)."""
+    payload = json.dumps([fingerprint, mask_gamma, mask_min_weight, mask_hash])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

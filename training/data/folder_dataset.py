@@ -442,6 +442,11 @@ class FolderDataset:
             class_cond=conditioning([class_prompt(c, self.cfg) for c in captions]) if self.cfg.class_word else None,
         )
 
+    @property
+    def mask_weighting(self) -> tuple[float, float]:
+        """(gamma, min_weight) of the last `with_mask_weights` ((1, 0) before it)."""
+        return self._mask_gamma, self._mask_min_weight
+
     def preview_references(self) -> tuple[torch.Tensor, ...]:
         """The first edit pair's reference latents, one row each, for previews of an edit model; () without pairs."""
         return tuple(r[None] for r in self._references[0])

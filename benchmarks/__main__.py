@@ -1,6 +1,6 @@
 """Run the benchmarks: python -m dit_trainer.benchmarks [NAME] [--quick] [--dtype ...] [--iters N].
 
-NAME picks one of dora_layer, dora_norm, attention, train_step, memory; without it every
+NAME picks one of dora_layer, dora_norm, attention, train_step, fused_backward, memory; without it every
 benchmark runs.
 """
 
@@ -13,7 +13,7 @@ from . import attention, dora_layer, dora_norm, fused_backward, memory, train_st
 from .common import parse_setup
 
 BENCHMARKS = {"dora_layer": dora_layer, "dora_norm": dora_norm, "attention": attention, "train_step": train_step,
-              "memory": memory}
+              "fused_backward": fused_backward, "memory": memory}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -100,7 +100,9 @@ def local_rows(rows: int, procs: Processes) -> torch.Tensor:
 
 def local_batch(batch: LatentBatch, rows: torch.Tensor) -> LatentBatch:
     weights = None if batch.weights is None else batch.weights[rows]
-    return replace(batch, latents=batch.latents[rows], cond=batch.cond.rows(rows), weights=weights)
+    class_cond = None if batch.class_cond is None else batch.class_cond.rows(rows)  # DOP prompts of the same rows
+    return replace(batch, latents=batch.latents[rows], cond=batch.cond.rows(rows), weights=weights,
+                   class_cond=class_cond)
 
 
 def loss_share(batch: LatentBatch, rows: torch.Tensor) -> float:

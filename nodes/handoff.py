@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
-
-import torch
 
 from ..training.config import TrainConfig
 from ..training.data.files import dataset_fingerprint, weighted_fingerprint
@@ -15,21 +12,6 @@ from . import host
 from .sockets import DitModel, LoraNetworkSpec, TrainingSet
 
 log = logging.getLogger(__name__)
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def storage_dtype(model: torch.nn.Module) -> str:
-    """The dtype most of the base's weights are stored in (LoadDiT's weight_dtype)."""
-    counts = Counter()
-    for p in model.parameters():
-        counts[p.dtype] += p.numel()
-    return DTYPE_NAMES.get(counts.most_common(1)[0][0], "bf16")
-
-
-def attention_backend(model: torch.nn.Module) -> str:
-    """LoadDiT's attention choice, as its attention modules hold it ("auto" when they disagree or hold none)."""
-    backends = {m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str)}
-    return backends.pop() if len(backends) == 1 else "auto"
 
 
 def mask_weighting(dataset: TrainingSet) -> tuple[float, float] | None | str:
@@ -44,19 +26,36 @@ def mask_weighting(dataset: TrainingSet) -> tuple[float, float] | None | str:
     return "its loss masks come from a MASK input (WeightedMask), which a config file cannot point to"
 
 
+def folder_of(dataset: TrainingSet | None, training: TrainingSet, role: str) -> Path | None | str:
+    """The folder of a second dataset (validation / regularisation) for the CLI, which reads it with the
+    training data's options; or the reason it cannot (other options, or mask weights)."""
+    if dataset is None:
+        return None
+    data = dataset.data
+    if data.cfg != training.data.cfg:
+        return f"its {role} images were read with other DatasetFromFolder options than the training images"
+    if dataset.fingerprint != dataset_fingerprint(data.folder, data.cfg, dataset.encoders.encoder_id):
+        return f"its {role} images are weighted by masks (WeightedMask), which the CLI does not apply to them"
+    return data.folder
+
+
 def write_handoff(model: DitModel, network: LoraNetworkSpec, dataset: TrainingSet, cfg: TrainConfig,
-                  run_dir: Path) -> Path | None:
+                  run_dir: Path, validation: TrainingSet | None = None,
+                  regularisation: TrainingSet | None = None) -> Path | None:
     """Write run_dir/run.toml for this run; None (and a warning saying why) when the CLI could not rebuild it."""
     weighting = mask_weighting(dataset)
-    if isinstance(weighting, str):
-        log.warning("TrainLoRA: no run.toml for %s: %s; train it in ComfyUI", run_dir.name, weighting)
-        return None
+    validation_folder = folder_of(validation, dataset, "validation")
+    reg_folder = folder_of(regularisation, dataset, "regularisation")
+    for reason in (weighting, validation_folder, reg_folder):
+        if isinstance(reason, str):
+            log.warning("TrainLoRA: no run.toml for %s: %s; train it in ComfyUI", run_dir.name, reason)
+            return None
     checkpoint = DEMO if model.demo else str(host.model_path("diffusion_models", model.name))
     run = HandOff(
-        checkpoint=checkpoint, dtype=storage_dtype(model.model), attention=attention_backend(model.model),
-        network=network.config, data_folder=dataset.data.folder, data=dataset.data.cfg,
-        encoder_id=dataset.encoders.encoder_id, mask_weighting=weighting, train=cfg,
-        continue_from=network.init_from, training_adapter=network.training_adapter,
-        training_adapter_strength=network.training_adapter_strength,
+        checkpoint=checkpoint, model=dict(model.model.load_settings), network=network.config,
+        data_folder=dataset.data.folder, data=dataset.data.cfg, encoder_id=dataset.encoders.encoder_id,
+        mask_weighting=weighting, train=cfg, continue_from=network.init_from,
+        training_adapter=network.training_adapter, training_adapter_strength=network.training_adapter_strength,
+        reg_folder=reg_folder, validation_folder=validation_folder,
     )
     return write_run_config(run, run_dir)

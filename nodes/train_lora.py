@@ -260,7 +260,8 @@ class TrainLoRA:
             log.warning("TrainLoRA %s: %s", run_name, line)
         with run_lock(run_dir, "TrainLoRA name"), on_compute_device(model):  # first: adapters go on their layer's device
             run = prepare_run(run_dir, settings, resume, {"dataset": dataset.summary, "base": model.name})
-            write_handoff(model, network, dataset, cfg, run_dir)  # the same run, headless (README "Train on more GPUs")
+            # The same run, headless (README "Train on more GPUs").
+            write_handoff(model, network, dataset, cfg, run_dir, validation, regularisation)
             return self._train(model, network, dataset, cfg, specs, settings, run, run_name, str(unique_id),
                                training_adapter, validation, regularisation, advice)
 

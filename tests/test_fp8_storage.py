@@ -155,15 +155,6 @@ def test_loading_quantises_every_block_linear_and_nothing_else(architecture: str
     assert quantized_bytes(loaded) == sum(source[f"{n}.weight"].numel() for n in expected) + 4 * scales
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: a bf16 run must not leave it for later fp32 runs."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def train_tiny(storage: str | None, steps: int = 30) -> list[float]:
     model = tiny_model("zimage")
     data = tiny_data(model)
@@ -179,7 +170,7 @@ FP8_TRAINING_TOLERANCE = 0.05
 
 
 @pytest.mark.parametrize("storage", ["fp8_e4m3fn", "fp8_scaled"])
-def test_training_on_an_fp8_base_ends_within_tolerance_of_bf16(storage: str, fresh_accelerate_state) -> None:
+def test_training_on_an_fp8_base_ends_within_tolerance_of_bf16(storage: str) -> None:
     bf16 = torch.tensor(train_tiny(None))
     fp8 = torch.tensor(train_tiny(storage))
     assert bool(torch.isfinite(fp8).all())

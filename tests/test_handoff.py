@@ -78,3 +78,25 @@ def test_a_cancelled_node_run_finishes_headless_and_comes_back_finished(comfy_ho
     train_prompt[train]["inputs"]["name"] = "uninterrupted"
     execute(train_prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
     assert_same_adapter(resumed, load_file(comfy_host.folder("loras") / "uninterrupted.safetensors"))
+
+
+def test_run_toml_carries_the_base_storage_and_the_second_datasets(comfy_host, comfy_pack, train_prompt, tmp_path):
+    """LoadDiT's storage and block swap, the held-out split and the regularisation images reach run.toml, and the
+    CLI's run from it has the node's settings fingerprint (so either side continues the other's checkpoints)."""
+    prompt = {k: {**n, "inputs": dict(n["inputs"])} for k, n in train_prompt.items()}
+    prompt[node_id(prompt, "LoadDiT")]["inputs"].update(weight_dtype="fp8_scaled", blocks_to_swap=1)
+    train = prompt[node_id(prompt, "TrainLoRA")]["inputs"]
+    train.update(validation_split=0.25, validate_every=2, regularisation=[node_id(prompt, "DatasetFromFolder"), 0],
+                 mixed_precision="bf16")  # an fp8 base computes in bf16
+    execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
+    run_dir = comfy_host.root / "output" / "dit_trainer" / RUN
+    values = tomllib.loads((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    assert values["model"]["dtype"] == "fp8_scaled" and values["model"]["blocks_to_swap"] == 1
+    assert values["data"]["reg_folder"] == values["data"]["folder"]  # the same DatasetFromFolder feeds both
+    assert values["train"]["validation_split"] == 0.25 and values["train"]["validation"]["every"] == 2
+
+    cfg = load_run_config(run_dir / RUN_CONFIG_FILE)
+    cfg.output.dir = str(tmp_path / "headless")
+    headless = run_training(cfg)
+    assert read_record(headless.run_dir)["fingerprint"] == read_record(run_dir)["fingerprint"]
+    assert [r["step"] for r in headless.train.validation] == [0, 2, 4]

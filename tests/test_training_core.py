@@ -183,3 +183,14 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients():
         assert len(calls) == (2 if enabled else 1)  # the block ran again in backward
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_one_process_trains_in_fp32_then_bf16_then_fp32_again():
+    """A host (ComfyUI) trains many times in one process, each run with its own mixed precision."""
+    runs = []
+    for precision in ("no", "bf16", "no"):
+        model, data = tiny_setup()
+        network = LoRANetwork(model.requires_grad_(False), "zimage", NetworkConfig(rank=2)).attach()
+        cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, seed=3, mixed_precision=precision)
+        runs.append(train(model, network, data, cfg).losses)
+    assert runs[0] == runs[2] and runs[1] != runs[0]  # fp32 again is exact: bf16 left nothing behind

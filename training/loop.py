@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedType
 from PIL import Image
 
@@ -267,6 +268,9 @@ class _Run:
     def set_up(self) -> None:
         cfg = self.cfg
         trackers.check_installed(cfg.tracking)
+        # accelerate keeps its mixed precision process-wide and refuses another one later; a host that
+        # trains several times (ComfyUI) needs each run's own. PartialState (the launched processes) stays.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
@@ -549,7 +553,9 @@ class _Run:
         if self.specs and sample_due and (self.procs.is_main or self.sharded):
             self.trainable.eval()
             ema_weights = self.ema.applied(self.trainable) if self.ema is not None else contextlib.nullcontext()
-            with _eval_view(self.raw_optimizer, self.params), ema_weights, self.training_adapter_lifted():
+            # Previews compute as the training steps do (autocast): a bf16 / fp8 base needs it.
+            with _eval_view(self.raw_optimizer, self.params), ema_weights, self.training_adapter_lifted(), \
+                    self.accelerator.autocast():
                 for spec in self.specs:
                     event.previews += render_previews(self.model, spec)
                     event.preview_captions += spec.captions

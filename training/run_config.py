@@ -67,6 +67,8 @@ class NetworkSection:
     continue_from: str = ""
     training_adapter: str = ""  # a LoRA file merged into the base while training, never exported
     training_adapter_strength: float = 1.0
+    reg_folder: Path | None = None  # regularisation images, read with the [data] options
+    validation_folder: Path | None = None  # held-out images, read with the [data] options
 
 
 @dataclass
@@ -192,8 +194,7 @@ class HandOff:
     """What a run in ComfyUI was made of, for `write_run_config` (paths are absolute; DEMO for the demo base)."""
 
     checkpoint: str
-    dtype: str
-    attention: str
+    model: dict  # the other [model] options (models/setup.py load_settings)
     network: NetworkConfig
     data_folder: Path
     data: DataConfig
@@ -203,6 +204,8 @@ class HandOff:
     continue_from: Path | None = None
     training_adapter: Path | None = None
     training_adapter_strength: float = 1.0
+    reg_folder: Path | None = None  # regularisation images, read with the [data] options
+    validation_folder: Path | None = None  # held-out images, read with the [data] options
 
 
 def run_config_values(run: HandOff, run_dir: Path) -> dict:
@@ -216,12 +219,17 @@ def run_config_values(run: HandOff, run_dir: Path) -> dict:
     gamma, min_weight = run.mask_weighting or (1.0, 0.0)
     data = {"folder": _path_from(run_dir, run.data_folder), **_plain(run.data.to_dict()), "encoder_id": run.encoder_id,
             "mask_weights": run.mask_weighting is not None, "mask_gamma": gamma, "mask_min_weight": min_weight}
+    if run.reg_folder is not None:
+        data["reg_folder"] = _path_from(run_dir, run.reg_folder)
+    train = run.train.to_dict()
+    if run.validation_folder is not None:
+        train["validation"]["folder"] = _path_from(run_dir, run.validation_folder)
     checkpoint = run.checkpoint if run.checkpoint == DEMO else _path_from(run_dir, run.checkpoint)
     return {
-        "model": {"checkpoint": checkpoint, "dtype": run.dtype, "attention": run.attention},
+        "model": {"checkpoint": checkpoint, **run.model},
         "network": _plain(network),
         "data": data,
-        "train": run.train.to_dict(),
+        "train": train,
         "output": {"dir": _path_from(run_dir, run_dir.parent), "name": run_dir.name},
     }
 

@@ -43,4 +43,7 @@ def load_base(path: str | os.PathLike, storage: str, attention: str = "auto", bl
     enable_block_swap(model, blocks_to_swap)
     if compile:
         compile_blocks(model)
+    # The [model] options that made it: a run handed off to the CLI (run.toml) loads the base the same way.
+    model.load_settings = {"dtype": storage, "attention": attention, "blocks_to_swap": blocks_to_swap,
+                           "compile": compile}
     return model

@@ -42,7 +42,6 @@ from torch import nn
 
 from ..training.models.block_swap import enable_block_swap, move_model
 from ..training.models.blocks import BLOCK_STACKS, block_linear_names, block_names
-from ..training.models.flux import FluxConfig
 from ..training.models.loader import save_dit
 from ..training.models.quantization import quantize_linears
 from ..training.models.qwen_image import QwenImageConfig

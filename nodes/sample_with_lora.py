@@ -11,7 +11,7 @@ from ..training.conditioning import as_conditioning
 from ..training.network.comfy_format import load_adapter, read_safetensors
 from ..training.network.file_config import config_for_file
 from ..training.network.network import LoRANetwork
-from ..training.sampler import check_sampling_fits, sample_euler
+from ..training.sampler import base_precision, check_sampling_fits, sample_euler
 from . import host
 from .comfy_io import conditioning_record, image_decoder_for, pil_to_image, text_encoder_for
 from .gpu_placement import on_compute_device
@@ -136,9 +136,10 @@ class SampleWithLoRA:
                 network.set_multiplier(strength)
                 network.attach()
             try:
-                latents = sample_euler(model.model, noise.to(device), cond.to(device),
-                                       None if neg_cond is None else neg_cond.to(device),
-                                       steps=steps, cfg=cfg, shift=shift).float().cpu()
+                with base_precision(model.model):
+                    latents = sample_euler(model.model, noise.to(device), cond.to(device),
+                                           None if neg_cond is None else neg_cond.to(device),
+                                           steps=steps, cfg=cfg, shift=shift).float().cpu()
             finally:
                 if network is not None:
                     network.detach_from_model()

@@ -12,27 +12,15 @@ from dit_trainer.training.network.comfy_format import read_safetensors
 from dit_trainer.training.posthoc_ema import merge_adapter_files
 from dit_trainer.training.run_config import load_run_config
 from dit_trainer.training.runner import run_training
+from demo_toml import write_demo_config
 
 
 def write_config(tmp_path, steps: int, extra_train: str = "") -> str:
-    config = tmp_path / "run.toml"
-    config.write_text(textwrap.dedent(f"""
-        [model]
-        checkpoint = "embedded-demo"
-        dtype = "fp32"
-
+    tables = f"""
         [network]
         algo = "dora"
         rank = 4
         alpha = 4
-
-        [data]
-        folder = "embedded-demo"
-        resolution = 32
-        bucket_step = 4
-        min_side = 32
-        max_side = 32
-        mask_min_weight = 0.2
 
         [train]
         steps = {steps}
@@ -52,8 +40,8 @@ def write_config(tmp_path, steps: int, extra_train: str = "") -> str:
         [output]
         dir = "runs"
         name = "cli_demo"
-    """))
-    return str(config)
+    """
+    return str(write_demo_config(tmp_path, tables, data="mask_min_weight = 0.2\n"))
 
 
 def test_train_then_resume_then_ema_merge(tmp_path):

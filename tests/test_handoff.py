@@ -89,7 +89,7 @@ def test_run_toml_carries_the_base_storage_and_the_second_datasets(comfy_host, c
     train.update(validation_split=0.25, validate_every=2, regularisation=[node_id(prompt, "DatasetFromFolder"), 0],
                  mixed_precision="bf16")  # an fp8 base computes in bf16
     execute(prompt, comfy_host, comfy_pack.NODE_CLASS_MAPPINGS)
-    run_dir = comfy_host.root / "output" / "dit_trainer" / RUN
+    run_dir = comfy_host.root / "output" / "dit_trainer" / train["name"]
     values = tomllib.loads((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     assert values["model"]["dtype"] == "fp8_scaled" and values["model"]["blocks_to_swap"] == 1
     assert values["data"]["reg_folder"] == values["data"]["folder"]  # the same DatasetFromFolder feeds both

@@ -72,3 +72,18 @@ def test_a_failed_run_still_gives_the_vram_back(comfy_pack, memory_log):
     assert memory_log == []  # refused before anything moved
     call_node(nodes["SampleWithLoRA"], dit, "None", 1.0, "a circle", "", 32, 32, 0, 1.0, 3.0, 5)
     assert memory_log[-2:] == ["DiT to cpu", "soft_empty_cache"]
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp8_scaled"])
+def test_sampling_runs_a_low_precision_base_in_its_dtype(comfy_pack, storage):
+    """ComfyUI runs a model in its dtype: SampleWithLoRA autocasts a bf16 / fp8 base (fp32 noise and text
+    states would otherwise meet bf16 weights) and its latents stay close to the fp32 base's."""
+    nodes = comfy_pack.NODE_CLASS_MAPPINGS
+    images = {}
+    for dtype in ("fp32", storage):
+        (dit,) = call_node(nodes["LoadDiT"], DEMO, dtype, "sdpa", False)
+        latent, _ = call_node(nodes["SampleWithLoRA"], dit, *SAMPLE_ARGS)
+        images[dtype] = latent["samples"]
+    assert images[storage].dtype == torch.float32 and bool(torch.isfinite(images[storage]).all())
+    difference = float((images[storage] - images["fp32"]).abs().mean() / images["fp32"].abs().mean())
+    assert difference < 0.1, difference

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from dit_trainer.training.network.network import LoRANetwork, NetworkConfig
 from dit_trainer.training.network.training_adapter import METADATA_KEY, SETTINGS_KEY, TrainingAdapter, file_digest
 from dit_trainer.training.run_config import RunConfig, load_run_config, parse_run_config
 from dit_trainer.training.runner import run_training
+from demo_toml import write_demo_config
 from fake_comfy import comfy_host, comfy_pack  # noqa: F401  (fixtures)
 
 # Wider than the trained network: the modulation and refiner layers are merged but never trained.
@@ -253,22 +253,12 @@ def demo_training_adapter(path, seed: int = 1):
 def test_the_cli_trains_with_it_and_resume_refuses_another(tmp_path):
     demo_training_adapter(tmp_path / "undistill.safetensors")
     demo_training_adapter(tmp_path / "other.safetensors", seed=2)
-    config = tmp_path / "run.toml"
 
     def write(adapter: str, name: str = "turbo") -> RunConfig:
-        config.write_text(textwrap.dedent(f"""
-            [model]
-            checkpoint = "embedded-demo"
-            dtype = "fp32"
+        return load_run_config(write_demo_config(tmp_path, f"""
             [network]
             rank = 4
             training_adapter = "{adapter}"
-            [data]
-            folder = "embedded-demo"
-            resolution = 32
-            bucket_step = 4
-            min_side = 32
-            max_side = 32
             [train]
             steps = 2
             batch_size = 4
@@ -276,7 +266,6 @@ def test_the_cli_trains_with_it_and_resume_refuses_another(tmp_path):
             dir = "runs"
             name = "{name}"
         """))
-        return load_run_config(config)
 
     result = run_training(write("undistill.safetensors"))
     _, meta = read_safetensors(result.adapter_path)

@@ -7,6 +7,8 @@ where v = noise - x0 is the model's prediction (CFG: v_neg + g (v_pos - v_neg)).
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from dataclasses import replace
 from typing import Callable
 
@@ -15,6 +17,25 @@ import torch
 from .conditioning import Conditioning
 from .size_checks import check_attention_fits
 from .timesteps import shift_sigma
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the base computes in: that of most of its floating weights outside fp8 storage (fp8 layers
+    dequantise to their input's dtype)."""
+    counts: Counter = Counter()
+    for p in model.parameters():
+        if p.is_floating_point() and p.element_size() > 1:
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def base_precision(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast to the base's compute dtype (bf16 / fp16 / fp8 storage), as ComfyUI runs a model in its dtype;
+    nothing for an fp32 base."""
+    dtype = compute_dtype(model)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def sigma_schedule(steps: int, shift: float) -> torch.Tensor:

@@ -125,8 +125,8 @@ def _norm_reason(
     return None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # Under autocast the reference's F.linear calls run in the autocast dtype; match it.
+def linear_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear runs in for `x`: the autocast dtype inside autocast, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -158,7 +158,7 @@ def _linear_reason(
     expected = weight.shape[1] if axis == "input" else weight.shape[0]
     if magnitude.numel() != expected:
         return f"magnitude has {magnitude.numel()} values, the {axis} axis needs {expected}"
-    dtype = _compute_dtype(x)
+    dtype = linear_compute_dtype(x)
     if dtype not in _KERNEL_DTYPES:
         return f"activation dtype {dtype} is not one of {_KERNEL_DTYPES}"
     if weight.dtype not in _KERNEL_DTYPES:
@@ -238,7 +238,7 @@ def dora_linear(
     # The norm reads the tensors as given (fp32 LoRA masters stay fp32), detached: DoRA
     # treats it as a constant, and the op has no autograd formula.
     norm = norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), base_sq, None, float(scale), axis)
-    dtype = _compute_dtype(x)
+    dtype = linear_compute_dtype(x)
     # Autocast does not cast a custom op's inputs: cast them as it would for F.linear.
     x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
     bias = None if bias is None else bias.to(dtype)

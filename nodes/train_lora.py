@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..training.advisor import run_advice
 from ..training.config import TrainConfig
+from ..training.data.files import with_regularisation
 from ..training.loop import PreviewSpec, save_trained_adapter, train
 from ..training.losses import HUBER_SCHEDULES, LOSSES
 from ..training.network.comfy_format import load_adapter_into
@@ -245,9 +246,8 @@ class TrainLoRA:
         cfg = train_config(widgets, extra_options)
         cfg.gradient_checkpointing = model.gradient_checkpointing
         specs = previews_for(model, dataset, sample_prompts, sample_conditioning, vae, cfg.seed) if cfg.sample_every else []
-        identity = dataset.fingerprint  # the class images shape the weights too
-        if regularisation is not None:
-            identity += f"+reg:{regularisation.fingerprint}"
+        identity = with_regularisation(dataset.fingerprint,
+                                       None if regularisation is None else regularisation.fingerprint)
         settings = run_settings(cfg.to_dict(), network.config.to_dict(), model.base_hash, identity, network.init_from)
         training_adapter = None
         if network.training_adapter is not None:

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_resumable, resumable_checkpoints
 from .data.config import DataConfig
-from .data.files import dataset_fingerprint, weighted_fingerprint
+from .data.files import dataset_fingerprint, weighted_fingerprint, with_regularisation
 from .data.folder_dataset import FolderDataset
 from .demo.dataset_folder import DEMO_IMAGES, write_demo_dataset
 from .distributed import main_first, on_main, processes
@@ -136,9 +136,9 @@ def dataset_identity(folder: Path, data_cfg: DataConfig, cfg: RunConfig, encoder
     identity = dataset_fingerprint(folder, data_cfg, encoder_id)
     if cfg.data.mask_weights:
         identity = weighted_fingerprint(identity, cfg.data.mask_gamma, cfg.data.mask_min_weight)
-    if cfg.data.reg_folder:  # the class images shape the weights too (TrainLoRA's regularisation input)
-        identity += f"+reg:{dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoder_id)}"
-    return identity
+    regularisation = (dataset_fingerprint(Path(cfg.data.reg_folder), data_cfg, encoder_id) if cfg.data.reg_folder
+                      else None)
+    return with_regularisation(identity, regularisation)
 
 
 def _resume_run(run_dir: Path, settings: dict, cfg: RunConfig, about: dict, processes: int) -> PreparedRun:

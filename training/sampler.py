@@ -19,7 +19,7 @@ from .size_checks import check_attention_fits
 from .timesteps import shift_sigma
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the base computes in: that of most of its floating weights outside fp8 storage (fp8 layers
     dequantise to their input's dtype)."""
     counts: Counter = Counter()
@@ -32,7 +32,7 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
 def base_precision(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Autocast to the base's compute dtype (bf16 / fp16 / fp8 storage), as ComfyUI runs a model in its dtype;
     nothing for an fp32 base."""
-    dtype = compute_dtype(model)
+    dtype = base_dtype(model)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)

@@ -227,6 +227,13 @@ def dataset_fingerprint(folder: Path, cfg: DataConfig, encoder_id: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def with_regularisation(fingerprint: str, regularisation: str | None) -> str:
+    """Identity of training data plus regularisation images (`regularisation`: their fingerprint, or None):
+    the class images shape the weights too. TrainLoRA and the CLI both build it here, so a handed-off run
+    keeps its settings fingerprint."""
+    return fingerprint if regularisation is None else f"{fingerprint}+reg:{regularisation}"
+
+
 def weighted_fingerprint(fingerprint: str, mask_gamma: float, mask_min_weight: float, mask_hash: str = "") -> str:
     """Identity of a dataset whose loss its masks weight (WeightedMask; `mask_hash`: masks given instead)."""
     payload = json.dumps([fingerprint, mask_gamma, mask_min_weight, mask_hash])

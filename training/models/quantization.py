@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.dora import linear_compute_dtype
+
 FP8_FORMATS = ("fp8_e4m3fn", "fp8_scaled")  # per-tensor scale | per-output-row scale
 FP8_DTYPE = torch.float8_e4m3fn
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -78,19 +80,12 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(module.weight, weight_scale_of(module), dtype)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear runs in for `x`: the autocast dtype inside autocast, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class _Float8LinearFunction(torch.autograd.Function):
     """y = x W0^T + b with W0 dequantised on the fly; saves the fp8 data, not the dequantised weight."""
 
     @staticmethod
     def forward(ctx, x, data, scale, bias):
-        dtype = compute_dtype(x)
+        dtype = linear_compute_dtype(x)
         ctx.save_for_backward(data, scale)
         ctx.bias_shape = None if bias is None else bias.shape
         return F.linear(x.to(dtype), dequantize(data, scale, dtype), None if bias is None else bias.to(dtype))
